@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from typing import Any
 
 import networkx as nx
@@ -11,6 +12,13 @@ import torch
 from torch import fx, nn
 
 from .metadata import our_keys
+
+
+def quiet_deepcopy(obj, memo=None):
+    """``copy.deepcopy`` without torch's own LeafSpec FutureWarning from copying pytree specs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(obj, memo)
 
 
 def source_info(model: nn.Module) -> dict[str, Any]:
@@ -92,7 +100,7 @@ class Graph:
         if share_tensors:
             for tensor in list(self.module.parameters()) + list(self.module.buffers()):
                 memo[id(tensor)] = tensor
-        module = copy.deepcopy(self.module, memo)
+        module = quiet_deepcopy(self.module, memo)
         # fx copies node.meta shallowly; our namespaces must not be shared.
         old_nodes = {n.name: n for n in self.module.graph.nodes}
         for node in module.graph.nodes:

@@ -9,12 +9,12 @@ the export's ``nn_module_stack`` metadata.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
+from .graph import quiet_deepcopy
 from .modules import AttentionCore
 
 aten = torch.ops.aten
@@ -92,7 +92,7 @@ def lift_leaf_modules(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
     """Return a new ``GraphModule`` over ``model``'s leaf modules, from an unlifted export."""
     # A fresh copy, owned by no module yet: call_module nodes for modules the
     # export's own GraphModule lacks would otherwise be refused.
-    graph = copy.deepcopy(gm.graph)
+    graph = quiet_deepcopy(gm.graph)
     installed: dict[str, nn.Module] = {}
 
     for node in list(graph.nodes):

@@ -1,0 +1,112 @@
+"""Tracing, forward and checkpoint costs on a bert-base sized classifier, side by side.
+
+Builds BertForSequenceClassification at bert-base size from a config (random
+weights, no download) and measures, in one run and interleaved so that machine
+noise hits both sides alike:
+
+- ``torch.export`` alone vs ``trace`` + ``init_metadata`` + ``add_common_metadata``;
+- forward latency of ``graph.module`` vs the eager model (batch 8, seq 128, no_grad);
+- ``graph.save`` and ``graphprune.load``.
+
+Run: ``python bench/trace_bench.py [--repeats 3] [--forward-iters 20]``
+Targets: trace with metadata <= 1.5x bare export; graph forward <= 1.05x eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import graphprune
+from graphprune.tracing import _dynamic_shapes
+
+
+def timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="export/trace repetitions (median is reported)")
+    parser.add_argument("--forward-iters", type=int, default=20, help="timed forward calls per side")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig()).eval()  # bert-base: 12 layers, 768 hidden
+    inputs = graphprune.dummy_inputs(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"bert-base BertForSequenceClassification, {n_params / 1e6:.1f}M parameters; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+
+    export_times, trace_times = [], []
+    graph = None
+    for _ in range(args.repeats):
+        t, _ = timed(lambda: torch.export.export(model, (), inputs, dynamic_shapes=_dynamic_shapes(inputs), strict=False))
+        export_times.append(t)
+
+        def trace_with_metadata():
+            g = graphprune.trace(model)
+            g, _ = graphprune.run_pipeline(g, [("init_metadata", {}), ("add_common_metadata", {"seq_len": args.seq})])
+            return g
+
+        t, graph = timed(trace_with_metadata)
+        trace_times.append(t)
+
+    batch = {
+        "input_ids": torch.randint(5, model.config.vocab_size, (args.batch, args.seq)),
+        "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long),
+        "token_type_ids": torch.zeros(args.batch, args.seq, dtype=torch.long),
+    }
+    batch["attention_mask"][: args.batch // 2, args.seq // 2 :] = 0
+    eager_times, graph_times = [], []
+    with torch.no_grad():
+        for _ in range(3):  # warm-up both
+            model(**batch), graph.module(**batch)
+        for _ in range(args.forward_iters):
+            eager_times.append(timed(lambda: model(**batch))[0])
+            graph_times.append(timed(lambda: graph.module(**batch))[0])
+        diff = (graph.module(**batch).logits - model(**batch).logits).abs().max().item()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ckpt"
+        save_times, load_times = [], []
+        for _ in range(args.repeats):
+            save_times.append(timed(lambda: graph.save(path))[0])
+            t, loaded = timed(lambda: graphprune.load(path))
+            load_times.append(t)
+        size = sum(f.stat().st_size for f in path.iterdir())
+        with torch.no_grad():
+            identical = torch.equal(loaded.module(**batch).logits, graph.module(**batch).logits)
+
+    med = statistics.median
+    export_t, trace_t = med(export_times), med(trace_times)
+    eager_t, graph_t = med(eager_times), med(graph_times)
+    rows = [
+        ("torch.export alone", f"{export_t:.2f} s", ""),
+        ("trace + init_metadata + add_common_metadata", f"{trace_t:.2f} s", f"{trace_t / export_t:.2f}x export (target <= 1.5x)"),
+        (f"eager forward (b={args.batch}, s={args.seq})", f"{eager_t * 1e3:.1f} ms", ""),
+        ("graph.module forward", f"{graph_t * 1e3:.1f} ms", f"{graph_t / eager_t:.3f}x eager (target <= 1.05x)"),
+        ("graph.save", f"{med(save_times):.2f} s", f"{size / 1e6:.0f} MB on disk"),
+        ("graphprune.load", f"{med(load_times):.2f} s", f"outputs bit-identical: {identical}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'what'.ljust(width)}  {'median':>9}  ratio")
+    for what, value, ratio in rows:
+        print(f"{what.ljust(width)}  {value:>9}  {ratio}")
+    print(f"\nmax |graph - eager| on logits: {diff:.2e}")
+    print(graph.summary(seq_len=args.seq))
+
+
+if __name__ == "__main__":
+    main()
