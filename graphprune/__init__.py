@@ -15,12 +15,21 @@ from .modules import AttentionCore, register_module_type
 from .pipeline import load_steps, run_pass, run_pipeline
 from .registry import get_pass, list_passes, register_pass, unregister_pass
 from .tracing import dummy_inputs, trace
+from .training import evaluate, finetune
+from .schedule import GradualPruning, cubic_sparsity
+from .masks import commit_masks, count_parameters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCore",
     "CheckpointError",
+    "GradualPruning",
+    "commit_masks",
+    "count_parameters",
+    "cubic_sparsity",
+    "evaluate",
+    "finetune",
     "ConfigError",
     "Graph",
     "GraphpruneError",

@@ -100,6 +100,13 @@ class Graph:
         if share_tensors:
             for tensor in list(self.module.parameters()) + list(self.module.buffers()):
                 memo[id(tensor)] = tensor
+        for module in self.module.modules():
+            for hook in module._forward_pre_hooks.values():
+                # torch.nn.utils.prune keeps `weight = weight_orig * mask` as a non-leaf
+                # tensor, which deepcopy refuses; the hook recomputes it every forward.
+                name = getattr(hook, "_tensor_name", None)
+                if isinstance(getattr(module, name or "", None), torch.Tensor) and name not in module._parameters:
+                    memo[id(getattr(module, name))] = getattr(module, name).detach().clone()
         module = quiet_deepcopy(self.module, memo)
         # fx copies node.meta shallowly; our namespaces must not be shared.
         old_nodes = {n.name: n for n in self.module.graph.nodes}

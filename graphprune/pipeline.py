@@ -18,12 +18,14 @@ from .graph import Graph
 from .registry import PassInfo, get_pass
 
 
-def run_pass(graph: Graph, name: str, config: Mapping[str, Any] | Any | None = None) -> tuple[Graph, dict]:
+def run_pass(graph: Graph, name: str, config: Mapping[str, Any] | Any | None = None, *, inplace: bool = False) -> tuple[Graph, dict]:
     """Run the registered pass ``name`` on a copy of ``graph``; return ``(new_graph, info)``.
 
     Raises ``ValueError`` for an unknown pass or a bad config (naming the pass, the
     field, the value and what is allowed) and ``PassError`` when the pass itself
-    fails. ``graph`` is unchanged in every case.
+    fails. ``graph`` is unchanged in every case, unless ``inplace=True``: then the
+    pass works on ``graph`` itself (for callbacks during training, where an
+    optimizer holds the graph's parameters) and a failure may leave it half-done.
 
     Example:
         >>> graph, info = graphprune.run_pass(graph, "add_common_metadata", {"seq_len": 128})
@@ -31,7 +33,7 @@ def run_pass(graph: Graph, name: str, config: Mapping[str, Any] | Any | None = N
     _check_graph(graph)
     info = get_pass(name)
     cfg = build_config(name, info.config_cls, config)
-    work = graph.copy(share_tensors=info.kind == "analysis")
+    work = graph if inplace else graph.copy(share_tensors=info.kind == "analysis")
     return _apply(work, info, cfg)
 
 

@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CheckpointError
 from .lifting import _fetch
+from .masks import has_uncommitted_masks
 from .metadata import our_keys
 from .modules import module_type_named, module_type_of
 from .shapes import dim_names, shape_list
@@ -141,6 +142,11 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
         nodes.append(entry)
         if node.op == "call_module" and node.target not in {m["path"] for m in modules}:
             module = gm.get_submodule(node.target)
+            if has_uncommitted_masks(module):
+                raise CheckpointError(
+                    f"cannot save module {node.target!r}: it has uncommitted masks or parametrizations; "
+                    "run the 'commit_masks' pass first"
+                )
             kind = module_type_of(module)
             if kind is None:
                 raise CheckpointError(

@@ -19,6 +19,7 @@ class Summary:
     columns: list[str]
     rows: list[dict] = field(default_factory=list)
     totals: dict = field(default_factory=dict)
+    total_row: bool = True  # the last row is a total, set off by a rule
 
     def __str__(self) -> str:
         cells = [[_fmt(row.get(c)) for c in self.columns] for row in self.rows]
@@ -28,7 +29,10 @@ class Summary:
         def render(values):
             return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
 
-        body = [render(self.columns), line] + [render(r) for r in cells[:-1]] + [line, render(cells[-1])]
+        if self.total_row and cells:
+            body = [render(self.columns), line] + [render(r) for r in cells[:-1]] + [line, render(cells[-1])]
+        else:
+            body = [render(self.columns), line] + [render(r) for r in cells]
         return "\n".join([self.title] + body)
 
     def _repr_pretty_(self, printer, cycle):  # IPython

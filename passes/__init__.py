@@ -5,4 +5,4 @@ user's own pass would. graphprune finds this package through the
 ``graphprune.passes`` entry point.
 """
 
-from . import add_common_metadata, init_metadata  # noqa: F401  (registration side effects)
+from . import add_common_metadata, commit_masks, demo_magnitude_prune, init_metadata  # noqa: F401  (registration)

@@ -63,3 +63,34 @@ def minilm_path():
 
     path = Path(list(spec.submodule_search_locations)[0]) / "model"
     return path if (path / "model.safetensors").is_file() else None
+
+
+POSITIVE = ["good", "great", "fun", "moving", "superb"]
+NEGATIVE = ["bad", "dull", "boring", "awful", "weak"]
+FILLER = [f"w{i}" for i in range(60)]
+
+
+def tiny_tokenizer():
+    """A WordPiece tokenizer over a small vocabulary, built in code (vocab fits TINY's 120)."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
+    return BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+
+
+def sentiment_data(n: int = 64, seed: int = 0, name: str = "toy"):
+    """Synthetic two-class snippets: one sentiment word among filler words."""
+    import random
+
+    from graphprune.data import TextDataset
+
+    rng = random.Random(seed)
+    texts, labels, groups = [], [], []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        texts.append(" ".join(words))
+        labels.append(label)
+        groups.append(f"movie{i % 7}")
+    return TextDataset(texts, labels, ("neg", "pos"), groups, name)
