@@ -1,7 +1,7 @@
 PYTHON ?= python3
 STAMP := .make/install.stamp
 
-.PHONY: install test bench clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 
 test: install
 	$(PYTHON) -m pytest
+
+# The main job on the shipped model and data (builds and caches the baseline first if needed).
+demo: install
+	$(PYTHON) -m graphprune.cli demo
 
 bench: install
 	$(PYTHON) bench/trace_bench.py

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tomllib
 from pathlib import Path
 
 from .errors import GraphpruneError
@@ -124,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     try:
         return args.fn(args)
-    except (GraphpruneError, ValueError, FileNotFoundError, tomllib.TOMLDecodeError) as error:
+    except (GraphpruneError, ValueError, FileNotFoundError) as error:  # TOML errors are ValueErrors
         return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
     except KeyboardInterrupt:
         return _fail("interrupted")

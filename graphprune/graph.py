@@ -70,6 +70,29 @@ class Graph:
     def eval(self) -> "Graph":
         return self.train(False)
 
+    def to(self, device) -> "Graph":
+        """Move parameters, buffers and the devices baked into the graph's ops, in place.
+
+        ``torch.export`` records the trace device in mask-building ops
+        (``arange(device=cpu)``); those arguments move along with the weights.
+        """
+        device = torch.device(device)
+        self.module.to(device)
+
+        def move(value):
+            if isinstance(value, torch.device):
+                return device
+            if isinstance(value, (list, tuple)):
+                return type(value)(move(v) for v in value)
+            return value
+
+        for node in self.module.graph.nodes:
+            if node.op == "call_function":
+                node.args = move(node.args)
+                node.kwargs = {k: move(v) for k, v in node.kwargs.items()}
+        self.module.recompile()
+        return self
+
     # -- structure ----------------------------------------------------------------
     @property
     def fx_graph(self) -> fx.Graph:

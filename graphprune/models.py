@@ -23,11 +23,17 @@ def load_minilm(num_labels: int = 2, *, seed: int = 0):
     """
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = minilm_path()
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the head is new by design; HF's "MISSING" report is noise here
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 

@@ -53,7 +53,7 @@ def run_pipeline(graph: Graph, steps: Sequence | str | os.PathLike) -> tuple[Gra
         seq_len = 128
     """
     _check_graph(graph)
-    resolved = _resolve(load_steps(steps) if isinstance(steps, (str, os.PathLike)) else _normalise(steps))
+    resolved = resolve_steps(load_steps(steps) if isinstance(steps, (str, os.PathLike)) else normalise_steps(steps))
     work = graph.copy(share_tensors=all(info.kind == "analysis" for info, _ in resolved))
     infos: list[dict] = []
     for index, (info, cfg) in enumerate(resolved):
@@ -71,22 +71,27 @@ def run_pipeline(graph: Graph, steps: Sequence | str | os.PathLike) -> tuple[Gra
     return work, infos
 
 
-def load_steps(path: str | os.PathLike) -> list[tuple[str, dict]]:
-    """Read ``[[passes]]`` steps from a TOML file."""
+def read_toml(path: str | os.PathLike) -> dict:
+    """A TOML file as a dict; a missing or malformed file is a ValueError naming it."""
     path = Path(path)
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise ValueError(f"pipeline file {str(path)!r} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise ValueError(f"pipeline file {str(path)!r} is not valid TOML: {error}") from None
+
+
+def load_steps(path: str | os.PathLike) -> list[tuple[str, dict]]:
+    """Read ``[[passes]]`` steps from a TOML file."""
+    data = read_toml(path)
     passes = data.get("passes")
     if not isinstance(passes, list) or not all(isinstance(p, dict) for p in passes):
         raise ValueError(f"pipeline file {str(path)!r} needs an array of [[passes]] tables, each with a name")
-    return _normalise(passes)
+    return normalise_steps(passes)
 
 
-def _normalise(steps) -> list[tuple[str, dict]]:
+def normalise_steps(steps) -> list[tuple[str, dict]]:
     if isinstance(steps, (str, bytes)) or not isinstance(steps, Sequence):
         raise ValueError(f"pipeline steps must be a list of (name, config) or a TOML path, got {type(steps).__name__}")
     out = []
@@ -107,7 +112,7 @@ def _normalise(steps) -> list[tuple[str, dict]]:
     return out
 
 
-def _resolve(steps: list[tuple[str, Any]]) -> list[tuple[PassInfo, Any]]:
+def resolve_steps(steps: list[tuple[str, Any]]) -> list[tuple[PassInfo, Any]]:
     resolved = []
     for index, (name, config) in enumerate(steps, start=1):
         try:

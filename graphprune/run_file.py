@@ -27,12 +27,11 @@ the section and the field.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 
 from .data import DATASETS, load_dataset
 from .masks import has_uncommitted_masks
-from .pipeline import _normalise, _resolve, run_pass, run_pipeline
+from .pipeline import normalise_steps, resolve_steps, read_toml, run_pass, run_pipeline
 from .summary import Summary
 from .training import FinetuneConfig, finetune
 from .workflow import latency_batch, results_table, stage_row
@@ -58,12 +57,7 @@ def _check_section(path: Path, name: str, section) -> dict:
 def read_job(path) -> dict:
     """Parse and validate a job file; raises ValueError naming the file, section and field."""
     path = Path(path)
-    try:
-        spec = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"pipeline file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ValueError(f"{path} is not valid TOML: {error}") from None
+    spec = read_toml(path)
     unknown = sorted(set(spec) - SECTIONS)
     if unknown:
         raise ValueError(f"{path}: unknown section [{unknown[0]}]; allowed: {sorted(SECTIONS)}")
@@ -82,7 +76,7 @@ def read_job(path) -> dict:
     if not isinstance(passes, list):
         raise ValueError(f"{path}: passes must be an array of [[passes]] tables")
     try:
-        steps = _resolve(_normalise(passes))
+        steps = resolve_steps(normalise_steps(passes))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     finetune_spec = dict(spec.get("finetune", {}))

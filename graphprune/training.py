@@ -152,6 +152,8 @@ def finetune(
         optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
     )
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    if next(module.parameters()).device != accelerator.device:
+        graph.to(accelerator.device)  # also moves the devices export baked into the graph
     module, optimizer, loader, schedule = accelerator.prepare(module, optimizer, loader, schedule)
     teacher_module = teacher.module.eval() if teacher is not None else None
 

@@ -146,3 +146,15 @@ def test_real_minilm_traces_and_matches_eager():
     assert meta["num_layers"] == 6 and meta["hidden_size"] == 384
     assert [layer["heads"] for layer in meta["layers"]] == [12] * 6
     assert [layer["ffn_width"] for layer in meta["layers"]] == [1536] * 6
+
+
+def test_to_moves_weights_and_baked_devices():
+    model = make_model()
+    graph = graphprune.trace(model).copy()
+    graph.to("meta")
+    devices = [a for n in graph.nodes if n.op == "call_function" for a in list(n.args) + list(n.kwargs.values()) if isinstance(a, torch.device)]
+    assert devices and all(d.type == "meta" for d in devices)
+    assert all(p.device.type == "meta" for p in graph.module.parameters())
+    inputs = {k: v.to("meta") for k, v in padded_inputs(model, 2, 7).items()}
+    out = graph.module(**inputs)
+    assert out.logits.device.type == "meta" and out.logits.shape == (2, model.config.num_labels)
