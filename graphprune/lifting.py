@@ -52,11 +52,11 @@ def owner_path(node: fx.Node) -> str | None:
 
 def _attr_value(gm: fx.GraphModule, arg) -> object:
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        return _fetch(gm, arg.target)
+        return fetch_attr(gm, arg.target)
     return arg
 
 
-def _fetch(root: nn.Module, target: str):
+def fetch_attr(root: nn.Module, target: str):
     obj = root
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -127,7 +127,7 @@ def lift_leaf_modules(gm: fx.GraphModule, model: nn.Module) -> fx.GraphModule:
         if node.op == "call_module":
             root[node.target] = installed[node.target]
         elif node.op == "get_attr":
-            root[node.target] = _fetch(gm, node.target)
+            root[node.target] = fetch_attr(gm, node.target)
     graph.lint()
     lifted = fx.GraphModule(root, graph, class_name=f"{type(model).__name__}Graph")
     return lifted

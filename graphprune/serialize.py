@@ -19,7 +19,7 @@ from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from .errors import CheckpointError
-from .lifting import _fetch
+from .lifting import fetch_attr
 from .masks import has_uncommitted_masks
 from .metadata import our_keys
 from .modules import module_type_named, module_type_of
@@ -155,7 +155,7 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
                 )
             modules.append({"path": node.target, "type": kind.name, "config": kind.to_config(module)})
         elif node.op == "get_attr" and node.target not in {a["name"] for a in attrs}:
-            value = _fetch(gm, node.target)
+            value = fetch_attr(gm, node.target)
             if not isinstance(value, torch.Tensor):
                 raise CheckpointError(f"cannot save attribute {node.target!r}: not a tensor")
             attrs.append({"name": node.target, "parameter": isinstance(value, nn.Parameter), "requires_grad": value.requires_grad})
@@ -188,7 +188,7 @@ def _collect_tensors(gm, modules, attrs) -> tuple[dict[str, torch.Tensor], dict[
         for name, tensor in gm.get_submodule(m["path"]).state_dict(keep_vars=True).items():
             named.append((f"{m['path']}.{name}", tensor))
     for a in attrs:
-        named.append((a["name"], _fetch(gm, a["name"])))
+        named.append((a["name"], fetch_attr(gm, a["name"])))
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     by_id: dict[int, str] = {}
@@ -249,7 +249,7 @@ def graph_from_json(data: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphMod
     graph.lint()
     gm = fx.GraphModule(root, graph, class_name=data["class_name"])
     for alias, canonical in data["aliases"].items():
-        _retie(gm, alias, _fetch(gm, _resolve(canonical, data["aliases"])))
+        _retie(gm, alias, fetch_attr(gm, _resolve(canonical, data["aliases"])))
     gm.train(data["training"])
     return gm
 

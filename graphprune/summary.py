@@ -43,7 +43,7 @@ def _fmt(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return f"{value:.4g}"
     if isinstance(value, int) and abs(value) >= 10_000:
         for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
             if abs(value) >= size:
