@@ -66,6 +66,9 @@ def read_job(path) -> dict:
         raise ValueError(f"{path}: [model] needs exactly one of name = {' | '.join(map(repr, MODEL_NAMES))} or checkpoint = 'path'")
     if "name" in model and model["name"] not in MODEL_NAMES:
         raise ValueError(f"{path}: [model] name = {model['name']!r} is not allowed; expected one of {list(MODEL_NAMES)}")
+    labels = model.get("num_labels", 2)
+    if not isinstance(labels, int) or isinstance(labels, bool) or labels < 2:
+        raise ValueError(f"{path}: [model] num_labels = {labels!r} is not allowed; expected an integer >= 2")
     data = _check_section(path, "data", spec.get("data", {"name": "rotten_tomatoes"}))
     if data.get("name") not in DATASETS:
         raise ValueError(f"{path}: [data] name = {data.get('name')!r} is not allowed; expected one of {list(DATASETS)}")
@@ -128,6 +131,9 @@ def run_file(path, *, log=print) -> Summary:
     max_length = job["data"].get("max_length", 64)
     data = splits[split].subset(job["data"].get("eval_limit"))
     dense, tokenizer = _load_model(job["model"], num_labels=len(data.label_names))
+    labels = len((dense.source.get("config") or {}).get("id2label") or {})
+    if labels and labels != len(data.label_names):
+        raise ValueError(f"{path}: the model has {labels} labels but {job['data']['name']} has {len(data.label_names)}")
     inputs = latency_batch(data, tokenizer, max_length=max_length)
 
     rows = [stage_row("input model", dense, dense, data, tokenizer, inputs, max_length=max_length)]
@@ -136,7 +142,8 @@ def run_file(path, *, log=print) -> Summary:
         rows.append(stage_row("after passes", graph, dense, data, tokenizer, inputs, max_length=max_length))
     if job["finetune"] is not None:
         graph = graph.copy() if graph is dense else graph
-        finetune(graph, splits["train"], tokenizer, teacher=dense if job["distill"] else None, **job["finetune"])
+        options = {"max_length": max_length, **job["finetune"]}
+        finetune(graph, splits["train"], tokenizer, teacher=dense if job["distill"] else None, **options)
         rows.append(stage_row("after fine-tune", graph, dense, data, tokenizer, inputs, max_length=max_length))
     if job["output"]:
         if any(has_uncommitted_masks(m) for m in graph.module.modules()):

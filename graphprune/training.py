@@ -125,7 +125,9 @@ def finetune(
     Options are the fields of :class:`FinetuneConfig` (learning_rate, epochs or
     max_steps, batch_size, subset, seed, ...). With ``teacher`` (usually the dense
     graph) the loss is the distillation loss with ``kd_temperature``/``kd_weight``.
-    AdamW with linear warm-up and decay; seeded.
+    AdamW with linear warm-up and decay; seeded. Both graphs are moved to the
+    accelerator's device if they are elsewhere. Callbacks may mask weights in place
+    but must keep the graph's Parameter objects: the optimizer holds them.
 
     Example:
         >>> result = graphprune.finetune(graph, splits["train"], tokenizer, eval_data=splits["validation"], epochs=1)
@@ -140,6 +142,10 @@ def finetune(
     if steps_per_epoch == 0:
         raise ValueError(f"finetune: dataset {train_data.name!r} is empty")
     total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    for g in (graph, teacher):
+        if g is not None and next(g.module.parameters()).device != accelerator.device:
+            g.to(accelerator.device)  # also moves the devices export baked into the graph
     module = graph.module
     params = [p for p in module.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
@@ -151,9 +157,6 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
     )
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    if next(module.parameters()).device != accelerator.device:
-        graph.to(accelerator.device)  # also moves the devices export baked into the graph
     module, optimizer, loader, schedule = accelerator.prepare(module, optimizer, loader, schedule)
     teacher_module = teacher.module.eval() if teacher is not None else None
 

@@ -102,6 +102,7 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
         ("[modle]\nname = 'minilm'", "unknown section [modle]"),
         ("[model]\nname = 'gpt'", "name = 'gpt' is not allowed"),
         ("[model]\nname = 'minilm'\ncheckpoint = 'x'", "exactly one of"),
+        ("[model]\nname = 'minilm'\nnum_labels = 1", "num_labels = 1"),
         ("[data]\nname = 'imdb'", "[data] name = 'imdb'"),
         ("[data]\nname = 'rotten_tomatoes'\neval_limit = 0", "eval_limit = 0"),
         ("[[passes]]\nname = 'demo_magnitude_prune'\nsparsity = 2.0", "step 1: pass 'demo_magnitude_prune': field 'sparsity' = 2.0"),
