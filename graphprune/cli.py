@@ -59,12 +59,14 @@ def _cmd_eval(args) -> int:
     from .data import load_dataset
     from .models import load_tokenizer
     from .training import evaluate
+    from .workflow import check_labels
 
     graph = load(args.checkpoint)
     splits = load_dataset(args.data)
     if args.split not in splits:
         return _fail(f"--split {args.split!r} is not one of {sorted(splits)}")
     data = splits[args.split].subset(args.limit)
+    check_labels(graph, data)
     tokenizer = load_tokenizer(graph.source.get("tokenizer", "minilm"))
     metrics = evaluate(graph, data, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     print(f"{args.data}/{args.split}: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['examples']} examples)")

@@ -34,7 +34,7 @@ from .masks import has_uncommitted_masks
 from .pipeline import normalise_steps, resolve_steps, read_toml, run_pass, run_pipeline
 from .summary import Summary
 from .training import FinetuneConfig, finetune
-from .workflow import latency_batch, results_table, stage_row
+from .workflow import check_labels, latency_batch, results_table, stage_row
 
 SECTIONS = {"model", "data", "passes", "finetune", "output"}
 FIELDS = {
@@ -131,9 +131,7 @@ def run_file(path, *, log=print) -> Summary:
     max_length = job["data"].get("max_length", 64)
     data = splits[split].subset(job["data"].get("eval_limit"))
     dense, tokenizer = _load_model(job["model"], num_labels=len(data.label_names))
-    labels = len((dense.source.get("config") or {}).get("id2label") or {})
-    if labels and labels != len(data.label_names):
-        raise ValueError(f"{path}: the model has {labels} labels but {job['data']['name']} has {len(data.label_names)}")
+    check_labels(dense, data)
     inputs = latency_batch(data, tokenizer, max_length=max_length)
 
     rows = [stage_row("input model", dense, dense, data, tokenizer, inputs, max_length=max_length)]

