@@ -41,9 +41,10 @@ def _parse(expr: str) -> sympy.Expr:
     return sympy.sympify(expr, locals={"batch": sympy.Symbol("batch"), "seq": sympy.Symbol("seq")})
 
 
-def evaluate(expr: str | int, *, batch: int, seq: int) -> int:
+def evaluate(expr: str | int | sympy.Expr, *, batch: int, seq: int) -> int:
     """Evaluate a size expression in ``batch`` and ``seq`` (as stored in metadata)."""
     if isinstance(expr, int):
         return expr
-    value = _parse(expr).subs({"batch": batch, "seq": seq})
+    value = (_parse(expr) if isinstance(expr, str) else expr).subs({sympy.Symbol("batch"): batch, sympy.Symbol("seq"): seq})
+    value = value.subs({s: seq for s in value.free_symbols})  # stray export symbols are sequence-like
     return int(value)

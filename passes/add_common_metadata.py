@@ -10,7 +10,7 @@ from torch import fx, nn
 
 import graphprune
 from graphprune.config import check_range
-from graphprune.metadata import COMMON, common, key
+from graphprune.metadata import COMMON, common, evaluate, key
 from graphprune.modules import AttentionCore
 from graphprune.shapes import dim_names, shape_list, size_expr
 
@@ -88,12 +88,6 @@ def _head_layout(node: fx.Node, role: str, module) -> tuple[int | None, int | No
     return None, None
 
 
-def _evaluate(expr: sympy.Expr, batch: int, seq: int) -> int:
-    value = expr.subs({sympy.Symbol("batch"): batch, sympy.Symbol("seq"): seq})
-    value = value.subs({s: seq for s in value.free_symbols})  # stray symbols are sequence-like
-    return int(value)
-
-
 @graphprune.register_pass("add_common_metadata", config=CommonMetadataConfig, kind="analysis")
 def add_common_metadata(graph, config: CommonMetadataConfig):
     """Add shapes, dtypes, parameter counts, FLOPs and head layouts to every node, and per-layer totals.
@@ -133,7 +127,7 @@ def add_common_metadata(graph, config: CommonMetadataConfig):
         meta["params"] = sum(p.numel() for p in params)
         flops = node_flops(node, module, names)
         meta["flops_expr"] = str(flops)
-        meta["flops"] = _evaluate(flops, batch, seq)
+        meta["flops"] = evaluate(flops, batch=batch, seq=seq)
         heads, head_size = _head_layout(node, meta["role"], module)
         if heads is not None:
             meta["heads"], meta["head_size"] = heads, head_size
@@ -167,7 +161,7 @@ def add_common_metadata(graph, config: CommonMetadataConfig):
         row = layers[index]
         row["params"] = sum(sizes.get(i, 0) for i in layer_params[index])
         row["flops_expr"] = str(layer_flops[index])
-        row["flops"] = _evaluate(layer_flops[index], batch, seq)
+        row["flops"] = evaluate(layer_flops[index], batch=batch, seq=seq)
         layer_rows.append(row)
     graph.meta[COMMON] = {
         "model_class": graph.source.get("model_class"),
@@ -181,14 +175,14 @@ def add_common_metadata(graph, config: CommonMetadataConfig):
             name: {
                 "params": sum(sizes.get(i, 0) for i in section["params"]),
                 "flops_expr": str(section["flops"]),
-                "flops": _evaluate(section["flops"], batch, seq),
+                "flops": evaluate(section["flops"], batch=batch, seq=seq),
             }
             for name, section in sections.items()
         },
         "totals": {
             "params": sum(sizes.values()),
             "flops_expr": str(total_flops),
-            "flops": _evaluate(total_flops, batch, seq),
+            "flops": evaluate(total_flops, batch=batch, seq=seq),
         },
     }
     totals = graph.meta[COMMON]["totals"]
