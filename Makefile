@@ -19,7 +19,7 @@ test: install
 
 # The main job on the shipped model and data (builds and caches the baseline first if needed).
 demo: install
-	$(PYTHON) -m graphprune.cli demo
+	$(PYTHON) -m graphprune demo
 
 bench: install
 	$(PYTHON) bench/trace_bench.py

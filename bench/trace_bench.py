@@ -25,7 +25,7 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 import graphprune
-from graphprune.tracing import _dynamic_shapes
+from graphprune.ir.tracing import _dynamic_shapes
 
 
 def timed(fn):

@@ -5,40 +5,46 @@
     >>> graph, _ = graphprune.run_pass(graph, "add_common_metadata")
     >>> print(graph.summary())
     >>> graph.save("ckpt"); same = graphprune.load("ckpt")
+
+The package is layered; each layer imports only the ones listed before it:
+``graphprune.ir`` (the graph IR), ``graphprune.infra`` (pass configs, registry,
+pipelines), ``graphprune.training`` (data, models, evaluation, fine-tuning) and
+``graphprune.app`` (CLI, job files, demo). This module gathers the public API.
 """
 
-from .checkpoint import load
-from .config import ConfigError, check_choice, check_range
-from .errors import CheckpointError, GraphpruneError, PassError, PipelineError, TraceError
-from .graph import Graph
-from .modules import AttentionCore, register_module_type
-from .pipeline import load_steps, run_pass, run_pipeline
-from .registry import get_pass, list_passes, register_pass, unregister_pass
-from .tracing import dummy_inputs, trace
-from .training import evaluate, finetune
-from .schedule import GradualPruning, cubic_sparsity
-from .masks import commit_masks, count_parameters
+from .infra.config import ConfigError, check_choice, check_range
+from .infra.errors import PassError, PipelineError
+from .infra.pipeline import load_steps, run_pass, run_pipeline
+from .infra.registry import get_pass, list_passes, register_pass, unregister_pass
+from .ir.errors import CheckpointError, GraphpruneError, InputError, TraceError
+from .ir.graph import Graph, load
+from .ir.masks import commit_masks, count_parameters
+from .ir.modules import AttentionCore, register_module_type
+from .ir.tracing import dummy_inputs, trace
+from .training.finetune import evaluate, finetune
+from .training.schedule import GradualPruning, cubic_sparsity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCore",
     "CheckpointError",
-    "GradualPruning",
-    "commit_masks",
-    "count_parameters",
-    "cubic_sparsity",
-    "evaluate",
-    "finetune",
     "ConfigError",
     "Graph",
+    "GradualPruning",
     "GraphpruneError",
+    "InputError",
     "PassError",
     "PipelineError",
     "TraceError",
     "check_choice",
     "check_range",
+    "commit_masks",
+    "count_parameters",
+    "cubic_sparsity",
     "dummy_inputs",
+    "evaluate",
+    "finetune",
     "get_pass",
     "list_passes",
     "load",

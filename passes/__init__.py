@@ -1,8 +1,9 @@
 """graphprune's built-in pass library.
 
-Each module registers one pass with ``graphprune.register_pass``, exactly as a
-user's own pass would. graphprune finds this package through the
-``graphprune.passes`` entry point.
+Grouped by family (``analysis``, ``pruning``, ...); each module registers one pass
+with ``graphprune.register_pass``, exactly as a user's own pass would. graphprune
+finds this package through the ``graphprune.passes`` entry point and never imports
+it by name.
 """
 
-from . import add_common_metadata, commit_masks, demo_magnitude_prune, init_metadata  # noqa: F401  (registration)
+from . import analysis, pruning  # noqa: F401  (registration)

@@ -55,7 +55,7 @@ def max_diff(out, ref) -> float:
 
 def minilm_path():
     """The shipped MiniLM folder, or None when its package is absent (tests then skip)."""
-    from graphprune.models import minilm_path as shipped
+    from graphprune.training.models import minilm_path as shipped
 
     try:
         path = shipped()
@@ -81,7 +81,7 @@ def sentiment_data(n: int = 64, seed: int = 0, name: str = "toy"):
     """Synthetic two-class snippets: one sentiment word among filler words."""
     import random
 
-    from graphprune.data import TextDataset
+    from graphprune.training.data import TextDataset
 
     rng = random.Random(seed)
     texts, labels, groups = [], [], []

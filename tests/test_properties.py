@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphprune
-from graphprune.metadata import common
+from graphprune.ir.metadata import common
 
 scalars = st.one_of(
     st.none(),

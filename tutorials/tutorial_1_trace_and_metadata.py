@@ -12,9 +12,9 @@ import tempfile
 import torch
 
 import graphprune
-from graphprune.data import Collator, load_rotten_tomatoes
-from graphprune.metadata import common
-from graphprune.models import load_minilm
+from graphprune.training.data import Collator, load_rotten_tomatoes
+from graphprune.ir.metadata import common
+from graphprune.training.models import load_minilm
 
 
 def main(quick: bool) -> None:

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 import graphprune
-from graphprune.data import load_rotten_tomatoes
-from graphprune.metadata import common, node_meta
-from graphprune.models import load_minilm
+from graphprune.training.data import load_rotten_tomatoes
+from graphprune.ir.metadata import common, node_meta
+from graphprune.training.models import load_minilm
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,135 @@
+"""The ``graphprune`` command line.
+
+    graphprune passes                      registered passes, one line each
+    graphprune info CKPT                   summary table and history of a checkpoint
+    graphprune eval CKPT --data NAME       accuracy and loss on a dataset split
+    graphprune run pipeline.toml           model, data, passes, fine-tune, evaluation, output
+    graphprune demo                        the main job on the shipped model and data
+
+Bad arguments and bad files give a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..ir.errors import GraphpruneError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage + message
+        raise SystemExit(_fail(message))
+
+
+def _fail(message: str) -> int:
+    print(f"graphprune: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _cmd_passes(args) -> int:
+    from ..infra.registry import get_pass, list_passes
+
+    passes = list_passes()
+    width = max(len(n) for n in passes)
+    for name, description in passes.items():
+        print(f"{name.ljust(width)}  [{get_pass(name).kind}] {description}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from ..ir.graph import load
+
+    graph = load(args.checkpoint)
+    print(graph.summary(seq_len=args.seq_len))
+    print(f"\nsource: {graph.source.get('model_class')}")
+    for i, step in enumerate(graph.history, 1):
+        print(f"pass {i}: {step['pass']} {step['config']}")
+    for key, value in graph.meta.items():
+        if key not in ("common",):
+            print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from ..ir.graph import load
+    from ..training.data import load_dataset
+    from ..training.finetune import evaluate
+    from ..training.models import load_tokenizer
+    from .workflow import check_labels
+
+    graph = load(args.checkpoint)
+    splits = load_dataset(args.data)
+    if args.split not in splits:
+        return _fail(f"--split {args.split!r} is not one of {sorted(splits)}")
+    data = splits[args.split].subset(args.limit)
+    check_labels(graph, data)
+    tokenizer = load_tokenizer(graph.source.get("tokenizer", "minilm"))
+    metrics = evaluate(graph, data, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
+    print(f"{args.data}/{args.split}: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['examples']} examples)")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from .run_file import run_file
+
+    run_file(args.pipeline)
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.cache, recovery_steps=args.recovery_steps, eval_limit=args.eval_limit)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="graphprune", description="Compress BERT-family transformers with graph passes.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub.add_parser("passes", help="list registered passes").set_defaults(fn=_cmd_passes)
+    info = sub.add_parser("info", help="summary of a checkpoint")
+    info.add_argument("checkpoint")
+    info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs")
+    info.set_defaults(fn=_cmd_info)
+    ev = sub.add_parser("eval", help="evaluate a checkpoint")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--data", required=True, choices=["rotten_tomatoes", "bbc_news"])
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--limit", type=int, default=None, help="evaluate on a seeded subset of this size")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-length", type=int, default=64)
+    ev.set_defaults(fn=_cmd_eval)
+    run = sub.add_parser("run", help="run a TOML pipeline file")
+    run.add_argument("pipeline")
+    run.set_defaults(fn=_cmd_run)
+    demo = sub.add_parser("demo", help="the main job on the shipped model and data")
+    demo.add_argument("--cache", default=None, help="cache folder for the baseline (default $GRAPHPRUNE_CACHE or ~/.cache/graphprune)")
+    demo.add_argument("--recovery-steps", type=int, default=100)
+    demo.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test snippets")
+    demo.set_defaults(fn=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    for name in ("limit", "batch_size", "max_length", "seq_len", "recovery_steps", "eval_limit"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    try:
+        return args.fn(args)
+    except (GraphpruneError, ValueError, FileNotFoundError) as error:  # TOML errors are ValueErrors
+        return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+    except KeyboardInterrupt:
+        return _fail("interrupted")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""``graphprune run pipeline.toml``: a whole compression job described in one file.
+
+    [model]
+    name = "baseline"            # the cached fine-tuned MiniLM; or "minilm"; or checkpoint = "path"
+
+    [data]
+    name = "rotten_tomatoes"     # or "bbc_news"
+    eval_split = "test"
+    eval_limit = 500             # optional: a seeded subset
+    max_length = 64
+
+    [[passes]]
+    name = "demo_magnitude_prune"
+    sparsity = 0.5
+
+    [finetune]                   # optional: any graphprune.finetune option, plus distill
+    max_steps = 100
+    distill = true               # the uncompressed graph is the teacher
+
+    [output]
+    checkpoint = "runs/pruned"
+
+Everything is checked before any work starts; a mistake is reported with the file,
+the section and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from ..infra.pipeline import normalise_steps, read_toml, resolve_steps, run_pass, run_pipeline
+from ..ir.masks import has_uncommitted_masks
+from ..ir.summary import Summary
+from ..training.data import DATASETS, load_dataset
+from ..training.finetune import FinetuneConfig, finetune
+from .workflow import check_labels, latency_batch, results_table, stage_row
+
+SECTIONS = {"model", "data", "passes", "finetune", "output"}
+FIELDS = {
+    "model": {"name", "checkpoint", "num_labels"},
+    "data": {"name", "eval_split", "eval_limit", "max_length"},
+    "output": {"checkpoint"},
+}
+MODEL_NAMES = ("minilm", "baseline")
+
+
+def _check_section(path: Path, name: str, section) -> dict:
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: [{name}] must be a table")
+    unknown = sorted(set(section) - FIELDS[name])
+    if unknown:
+        raise ValueError(f"{path}: [{name}] has unknown field {unknown[0]!r}; allowed: {sorted(FIELDS[name])}")
+    return section
+
+
+def read_job(path) -> dict:
+    """Parse and validate a job file; raises ValueError naming the file, section and field."""
+    path = Path(path)
+    spec = read_toml(path)
+    unknown = sorted(set(spec) - SECTIONS)
+    if unknown:
+        raise ValueError(f"{path}: unknown section [{unknown[0]}]; allowed: {sorted(SECTIONS)}")
+    model = _check_section(path, "model", spec.get("model", {"name": "baseline"}))
+    if ("name" in model) == ("checkpoint" in model):
+        raise ValueError(f"{path}: [model] needs exactly one of name = {' | '.join(map(repr, MODEL_NAMES))} or checkpoint = 'path'")
+    if "name" in model and model["name"] not in MODEL_NAMES:
+        raise ValueError(f"{path}: [model] name = {model['name']!r} is not allowed; expected one of {list(MODEL_NAMES)}")
+    labels = model.get("num_labels", 2)
+    if not isinstance(labels, int) or isinstance(labels, bool) or labels < 2:
+        raise ValueError(f"{path}: [model] num_labels = {labels!r} is not allowed; expected an integer >= 2")
+    data = _check_section(path, "data", spec.get("data", {"name": "rotten_tomatoes"}))
+    if data.get("name") not in DATASETS:
+        raise ValueError(f"{path}: [data] name = {data.get('name')!r} is not allowed; expected one of {list(DATASETS)}")
+    for field in ("eval_limit", "max_length"):
+        if field in data and (not isinstance(data[field], int) or isinstance(data[field], bool) or data[field] < 2):
+            raise ValueError(f"{path}: [data] {field} = {data[field]!r} is not allowed; expected an integer >= 2")
+    passes = spec.get("passes", [])
+    if not isinstance(passes, list):
+        raise ValueError(f"{path}: passes must be an array of [[passes]] tables")
+    try:
+        steps = resolve_steps(normalise_steps(passes))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    finetune_spec = dict(spec.get("finetune", {}))
+    distill = finetune_spec.pop("distill", False)
+    allowed = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    bad = sorted(set(finetune_spec) - allowed)
+    if bad:
+        raise ValueError(f"{path}: [finetune] has unknown field {bad[0]!r}; allowed: {sorted(allowed | {'distill'})}")
+    if "finetune" in spec:
+        try:
+            FinetuneConfig(**finetune_spec)
+        except ValueError as error:
+            raise ValueError(f"{path}: [finetune] {error}") from None
+    output = _check_section(path, "output", spec.get("output", {}))
+    return {
+        "model": model,
+        "data": data,
+        "steps": [(info.name, cfg) for info, cfg in steps],
+        "finetune": finetune_spec if "finetune" in spec else None,
+        "distill": bool(distill),
+        "output": output.get("checkpoint"),
+    }
+
+
+def _load_model(model: dict, num_labels: int):
+    from ..ir.graph import load
+    from ..ir.tracing import trace
+    from ..training.baseline import load_baseline
+    from ..training.models import load_minilm, load_tokenizer
+
+    if "checkpoint" in model:
+        graph = load(model["checkpoint"])
+        return graph, load_tokenizer(graph.source.get("tokenizer", "minilm"))
+    if model["name"] == "baseline":
+        graph = load_baseline()
+        return graph, load_tokenizer("minilm")
+    hf_model, tokenizer = load_minilm(num_labels=model.get("num_labels", num_labels))
+    graph = trace(hf_model)
+    graph.source["tokenizer"] = "minilm"
+    return graph, tokenizer
+
+
+def run_file(path, *, log=print) -> Summary:
+    job = read_job(path)
+    splits = load_dataset(job["data"]["name"])
+    split = job["data"].get("eval_split", "test")
+    if split not in splits:
+        raise ValueError(f"{path}: [data] eval_split = {split!r} is not allowed; expected one of {sorted(splits)}")
+    max_length = job["data"].get("max_length", 64)
+    data = splits[split].subset(job["data"].get("eval_limit"))
+    dense, tokenizer = _load_model(job["model"], num_labels=len(data.label_names))
+    check_labels(dense, data)
+    inputs = latency_batch(data, tokenizer, max_length=max_length)
+
+    rows = [stage_row("input model", dense, dense, data, tokenizer, inputs, max_length=max_length)]
+    graph, _ = run_pipeline(dense, job["steps"]) if job["steps"] else (dense, [])
+    if job["steps"]:
+        rows.append(stage_row("after passes", graph, dense, data, tokenizer, inputs, max_length=max_length))
+    if job["finetune"] is not None:
+        graph = graph.copy() if graph is dense else graph
+        options = {"max_length": max_length, **job["finetune"]}
+        finetune(graph, splits["train"], tokenizer, teacher=dense if job["distill"] else None, **options)
+        rows.append(stage_row("after fine-tune", graph, dense, data, tokenizer, inputs, max_length=max_length))
+    if job["output"]:
+        if any(has_uncommitted_masks(m) for m in graph.module.modules()):
+            graph, _ = run_pass(graph, "commit_masks", inplace=True)
+        graph.save(job["output"])
+        log(f"saved {job['output']}")
+    table = results_table(f"graphprune run {path}: {data.name}", rows)
+    log(str(table))
+    return table

@@ -1,0 +1,298 @@
+"""Graph <-> JSON plus a flat tensor dict: the body of a checkpoint, with no pickled code.
+
+Nodes are stored with their op, target, arguments and our metadata. Call targets
+are restricted to torch operator overloads (``aten.linear.default``) and the
+``operator`` module; modules are rebuilt from registered types
+(``graphprune.modules``); tensors go to safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
+
+from .errors import CheckpointError
+from .fx_utils import fetch_attr
+from .masks import has_uncommitted_masks
+from .metadata import our_keys
+from .modules import module_type_named, module_type_of
+from .shapes import dim_names, shape_list
+
+# -- targets and arguments --------------------------------------------------------------
+
+
+def encode_target(node: fx.Node) -> str:
+    if node.op != "call_function":
+        return node.target
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._opname}.{target._overloadname}"
+    if getattr(operator, getattr(target, "__name__", ""), None) is target:
+        return f"operator.{target.__name__}"
+    raise CheckpointError(f"cannot save node {node.name!r}: call target {target!r} is not a torch operator")
+
+
+def decode_target(op: str, text: str):
+    if op != "call_function":
+        return text
+    if text.startswith("operator."):
+        target = getattr(operator, text.split(".", 1)[1], None)
+        if callable(target):
+            return target
+    else:
+        parts = text.split(".")
+        if len(parts) == 3:
+            namespace, name, overload = parts
+            try:
+                target = getattr(getattr(getattr(torch.ops, namespace), name), overload)
+            except (AttributeError, RuntimeError):
+                target = None
+            if isinstance(target, torch._ops.OpOverload):
+                return target
+    raise CheckpointError(f"unknown call target {text!r} in the checkpoint's graph")
+
+
+def encode_arg(value, where: str):
+    if isinstance(value, fx.Node):
+        return {"node": value.name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, list):
+        return [encode_arg(v, where) for v in value]
+    if isinstance(value, tuple):
+        return {"tuple": [encode_arg(v, where) for v in value]}
+    if isinstance(value, dict):
+        return {"dict": {k: encode_arg(v, where) for k, v in value.items()}}
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    if isinstance(value, torch.layout):
+        return {"layout": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": str(value).removeprefix("torch.")}
+    if isinstance(value, slice):
+        return {"slice": [encode_arg(v, where) for v in (value.start, value.stop, value.step)]}
+    raise CheckpointError(f"cannot save {where}: argument of type {type(value).__name__} ({value!r})")
+
+
+def _torch_attr(name: str, kind: type):
+    value = getattr(torch, name, None)
+    if not isinstance(value, kind):
+        raise CheckpointError(f"unknown {kind.__name__} {name!r} in the checkpoint's graph")
+    return value
+
+
+def decode_arg(value, nodes: dict[str, fx.Node]):
+    if isinstance(value, list):
+        return [decode_arg(v, nodes) for v in value]
+    if not isinstance(value, dict):
+        return value
+    (tag, body), = value.items()
+    if tag == "node":
+        return nodes[body]
+    if tag == "tuple":
+        return tuple(decode_arg(v, nodes) for v in body)
+    if tag == "dict":
+        return {k: decode_arg(v, nodes) for k, v in body.items()}
+    if tag == "dtype":
+        return _torch_attr(body, torch.dtype)
+    if tag == "device":
+        return torch.device(body)
+    if tag == "layout":
+        return _torch_attr(body, torch.layout)
+    if tag == "memory_format":
+        return _torch_attr(body, torch.memory_format)
+    if tag == "slice":
+        return slice(*(decode_arg(v, nodes) for v in body))
+    raise CheckpointError(f"unknown argument tag {tag!r} in the checkpoint's graph")
+
+
+# -- whole graphs --------------------------------------------------------------------------
+
+
+def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Describe ``gm`` as JSON plus the tensors it owns (tied tensors stored once)."""
+    names = dim_names(gm)
+    nodes, modules, attrs = [], [], []
+    for node in gm.graph.nodes:
+        entry: dict[str, Any] = {
+            "name": node.name,
+            "op": node.op,
+            "target": encode_target(node),
+            "args": encode_arg(list(node.args), f"node {node.name!r}"),
+            "kwargs": encode_arg(dict(node.kwargs), f"node {node.name!r}"),
+            "meta": {k: node.meta[k] for k in our_keys(node)},
+        }
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            entry["meta"]["nn_module_stack"] = [[k, path, cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"] for k, (path, cls) in stack.items()]
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise CheckpointError(f"cannot save input {node.name!r}: it has no tensor shape metadata")
+            entry["input"] = {"dims": shape_list(val, names), "dtype": str(val.dtype).removeprefix("torch.")}
+        nodes.append(entry)
+        if node.op == "call_module" and node.target not in {m["path"] for m in modules}:
+            module = gm.get_submodule(node.target)
+            if has_uncommitted_masks(module):
+                raise CheckpointError(
+                    f"cannot save module {node.target!r}: it has uncommitted masks or parametrizations; "
+                    "run the 'commit_masks' pass first"
+                )
+            kind = module_type_of(module)
+            if kind is None:
+                raise CheckpointError(
+                    f"cannot save module {node.target!r} of type {type(module).__qualname__}: "
+                    "register it with graphprune.register_module_type"
+                )
+            modules.append({"path": node.target, "type": kind.name, "config": kind.to_config(module)})
+        elif node.op == "get_attr" and node.target not in {a["name"] for a in attrs}:
+            value = fetch_attr(gm, node.target)
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(f"cannot save attribute {node.target!r}: not a tensor")
+            attrs.append({"name": node.target, "parameter": isinstance(value, nn.Parameter), "requires_grad": value.requires_grad})
+
+    tensors, aliases = _collect_tensors(gm, modules, attrs)
+    codegen = gm.graph._codegen
+    pytree_info = None
+    if isinstance(codegen, _PyTreeCodeGen):
+        info = codegen.pytree_info
+        pytree_info = {
+            "orig_args": list(info.orig_args),
+            "in_spec": pytree.treespec_dumps(info.in_spec) if info.in_spec is not None else None,
+            "out_spec": pytree.treespec_dumps(info.out_spec) if info.out_spec is not None else None,
+        }
+    data = {
+        "class_name": type(gm).__name__,
+        "training": gm.training,
+        "nodes": nodes,
+        "modules": modules,
+        "attrs": attrs,
+        "aliases": aliases,
+        "pytree": pytree_info,
+    }
+    return data, tensors
+
+
+def _collect_tensors(gm, modules, attrs) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    named: list[tuple[str, torch.Tensor]] = []
+    for m in modules:
+        for name, tensor in gm.get_submodule(m["path"]).state_dict(keep_vars=True).items():
+            named.append((f"{m['path']}.{name}", tensor))
+    for a in attrs:
+        named.append((a["name"], fetch_attr(gm, a["name"])))
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    by_id: dict[int, str] = {}
+    storages: set[int] = set()
+    for name, tensor in named:
+        if name in tensors or name in aliases:
+            continue
+        if id(tensor) in by_id:
+            aliases[name] = by_id[id(tensor)]  # tied weights: stored once, re-tied on load
+            continue
+        by_id[id(tensor)] = name
+        data = tensor.detach().cpu()
+        ptr = data.untyped_storage().data_ptr()
+        if ptr in storages or not data.is_contiguous():
+            data = data.clone(memory_format=torch.contiguous_format)  # safetensors refuses shared storage
+        storages.add(data.untyped_storage().data_ptr())
+        tensors[name] = data
+    return tensors, aliases
+
+
+def graph_from_json(data: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """Rebuild the ``GraphModule`` that :func:`graph_to_json` described."""
+    root: dict[str, Any] = {}
+    for m in data["modules"]:
+        kind = module_type_named(m["type"])
+        if kind is None:
+            raise CheckpointError(f"module {m['path']!r} has type {m['type']!r}, which this graphprune does not know")
+        with torch.device("meta"):
+            module = kind.from_config(m["config"])
+        expected = module.state_dict(keep_vars=True).keys()
+        state = {name: tensors[_resolve(f"{m['path']}.{name}", data["aliases"])] for name in expected}
+        module.load_state_dict(state, strict=True, assign=True)
+        root[m["path"]] = module
+    for a in data["attrs"]:
+        tensor = tensors[_resolve(a["name"], data["aliases"])]
+        root[a["name"]] = nn.Parameter(tensor, requires_grad=a["requires_grad"]) if a["parameter"] else tensor
+
+    graph = fx.Graph()
+    nodes: dict[str, fx.Node] = {}
+    for entry in data["nodes"]:
+        target = decode_target(entry["op"], entry["target"])
+        args = tuple(decode_arg(entry["args"], nodes))
+        kwargs = decode_arg(entry["kwargs"], nodes)
+        node = graph.create_node(entry["op"], target, args, kwargs, name=entry["name"])
+        if node.name != entry["name"]:
+            raise CheckpointError(f"node name {entry['name']!r} could not be restored")
+        meta = dict(entry["meta"])
+        stack = meta.pop("nn_module_stack", None)
+        if stack:
+            node.meta["nn_module_stack"] = {k: (path, cls) for k, path, cls in stack}
+        node.meta.update(meta)
+        nodes[node.name] = node
+    if data["pytree"] is not None:
+        info = data["pytree"]
+        graph._codegen = _PyTreeCodeGen(
+            _PyTreeInfo(info["orig_args"], _load_spec(info["in_spec"]), _load_spec(info["out_spec"]))
+        )
+    graph.lint()
+    gm = fx.GraphModule(root, graph, class_name=data["class_name"])
+    for alias, canonical in data["aliases"].items():
+        _retie(gm, alias, fetch_attr(gm, _resolve(canonical, data["aliases"])))
+    gm.train(data["training"])
+    return gm
+
+
+def _resolve(name: str, aliases: dict[str, str]) -> str:
+    return aliases.get(name, name)
+
+
+def _retie(gm: nn.Module, target: str, value) -> None:
+    *prefix, field = target.split(".")
+    owner = gm.get_submodule(".".join(prefix)) if prefix else gm
+    if isinstance(value, nn.Parameter):
+        setattr(owner, field, value)
+    else:
+        owner.register_buffer(field, value)
+
+
+def _load_spec(text: str | None):
+    if text is None:
+        return None
+    # Output containers (HF ModelOutput classes) register themselves with pytree when
+    # their module is imported; import only from transformers, never arbitrary code.
+    for type_name in _spec_types(json.loads(text)):
+        module_name = type_name.rsplit(".", 1)[0]
+        if module_name.startswith("transformers."):
+            try:
+                importlib.import_module(module_name)
+            except ImportError as error:
+                raise CheckpointError(f"cannot import {module_name} for output type {type_name}: {error}") from error
+    try:
+        return pytree.treespec_loads(text)
+    except Exception as error:
+        raise CheckpointError(f"cannot rebuild the graph's input/output structure: {error}") from error
+
+
+def _spec_types(obj) -> list[str]:
+    found = []
+    if isinstance(obj, dict):
+        if isinstance(obj.get("type"), str):
+            found.append(obj["type"])
+        for value in obj.values():
+            found.extend(_spec_types(value))
+    elif isinstance(obj, list):
+        for value in obj:
+            found.extend(_spec_types(value))
+    return found

@@ -1,0 +1,89 @@
+"""``graph.summary()``: a per-layer table that prints well in a terminal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .metadata import COMMON, evaluate
+
+# How to compute the common metadata a summary needs when a graph lacks it. That is
+# the ``add_common_metadata`` pass, run by the pass infrastructure, a layer above
+# this one; it installs the function here (see ``graphprune.infra.pipeline``).
+_common_metadata: Callable | None = None
+
+
+def set_common_metadata_provider(provider: Callable) -> None:
+    """Install ``provider(graph) -> graph with meta["common"]`` for :func:`summarize` to call."""
+    global _common_metadata
+    _common_metadata = provider
+
+
+@dataclass
+class Summary:
+    """Rows of per-layer figures; ``str(summary)`` is an aligned text table.
+
+    ``rows`` is a list of dicts with the keys in ``columns``; ``totals`` holds the
+    whole-graph figures. Later passes add columns (sparsity, quantization).
+    """
+
+    title: str
+    columns: list[str]
+    rows: list[dict] = field(default_factory=list)
+    totals: dict = field(default_factory=dict)
+    total_row: bool = True  # the last row is a total, set off by a rule
+
+    def __str__(self) -> str:
+        cells = [[_fmt(row.get(c)) for c in self.columns] for row in self.rows]
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(self.columns)]
+        line = "  ".join("-" * w for w in widths)
+
+        def render(values):
+            return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+        if self.total_row and cells:
+            body = [render(self.columns), line] + [render(r) for r in cells[:-1]] + [line, render(cells[-1])]
+        else:
+            body = [render(self.columns), line] + [render(r) for r in cells]
+        return "\n".join([self.title] + body)
+
+    def _repr_pretty_(self, printer, cycle):  # IPython
+        printer.text(str(self))
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, int) and abs(value) >= 10_000:
+        for unit, size in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+            if abs(value) >= size:
+                return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def summarize(graph, *, seq_len: int | None = None, batch_size: int | None = None) -> Summary:
+    meta = graph.meta.get(COMMON)
+    if not meta or "layers" not in meta:
+        if _common_metadata is None:
+            raise RuntimeError("graph.summary() needs the add_common_metadata pass: run it first, or import graphprune")
+        graph = _common_metadata(graph)  # analysis on a copy: summary() never changes the graph
+        meta = graph.meta[COMMON]
+    seq = seq_len or meta["seq_len"]
+    batch = batch_size or meta["batch_size"]
+    summary = Summary(
+        title=f"{meta.get('model_class') or 'graph'}: FLOPs at batch {batch}, seq {seq}",
+        columns=["layer", "heads", "head_size", "ffn_width", "params", "flops"],
+    )
+
+    def flops(entry):
+        return evaluate(entry["flops_expr"], batch=batch, seq=seq)
+
+    summary.rows.append({"layer": "embeddings", "params": meta["embeddings"]["params"], "flops": flops(meta["embeddings"])})
+    for row in meta["layers"]:
+        summary.rows.append({**{k: row[k] for k in ("heads", "head_size", "ffn_width", "params")}, "layer": str(row["index"]), "flops": flops(row)})
+    summary.rows.append({"layer": "head", "params": meta["head"]["params"], "flops": flops(meta["head"])})
+    summary.totals = {"params": meta["totals"]["params"], "flops": flops(meta["totals"])}
+    summary.rows.append({"layer": "total", **summary.totals})
+    return summary

