@@ -21,7 +21,8 @@ from .ir.graph import Graph, load
 from .ir.masks import commit_masks, count_parameters
 from .ir.modules import AttentionCore, register_module_type
 from .ir.tracing import dummy_inputs, trace
-from .training.finetune import evaluate, finetune
+from .training.evaluate import evaluate
+from .training.finetune import finetune
 from .training.schedule import GradualPruning, cubic_sparsity
 
 __version__ = "0.1.0"

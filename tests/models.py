@@ -21,9 +21,16 @@ MODEL_FACTORIES = {
     "BertForTokenClassification": _bert(tf.BertForTokenClassification),
     "BertForQuestionAnswering": _bert(tf.BertForQuestionAnswering),
     "RobertaForSequenceClassification": lambda: tf.RobertaForSequenceClassification(tf.RobertaConfig(**TINY)),
+    "XLMRobertaForSequenceClassification": lambda: tf.XLMRobertaForSequenceClassification(tf.XLMRobertaConfig(**TINY)),
+    "CamembertForSequenceClassification": lambda: tf.CamembertForSequenceClassification(tf.CamembertConfig(**TINY)),
+    "RobertaForQuestionAnswering": lambda: tf.RobertaForQuestionAnswering(tf.RobertaConfig(**TINY)),
     "DistilBertForSequenceClassification": lambda: tf.DistilBertForSequenceClassification(
         tf.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
     ),
+    "DistilBertForTokenClassification": lambda: tf.DistilBertForTokenClassification(
+        tf.DistilBertConfig(vocab_size=120, dim=32, n_layers=2, n_heads=4, hidden_dim=64, max_position_embeddings=64)
+    ),
+    "ElectraForMaskedLM": lambda: tf.ElectraForMaskedLM(tf.ElectraConfig(embedding_size=16, **TINY)),
     "AlbertForSequenceClassification": lambda: tf.AlbertForSequenceClassification(
         tf.AlbertConfig(embedding_size=16, **{**TINY, "num_hidden_layers": 3})
     ),
@@ -44,6 +51,9 @@ def padded_inputs(model, batch_size: int, seq_len: int, seed: int = 1) -> dict[s
     inputs["input_ids"] = torch.randint(5, model.config.vocab_size, (batch_size, seq_len))
     inputs["attention_mask"] = torch.ones(batch_size, seq_len, dtype=torch.long)
     inputs["attention_mask"][0, seq_len // 2 :] = 0
+    pad = getattr(model.config, "pad_token_id", None)
+    if pad is not None:
+        inputs["input_ids"][0, seq_len // 2 :] = pad  # as a tokenizer pads (RoBERTa numbers positions around it)
     return inputs
 
 

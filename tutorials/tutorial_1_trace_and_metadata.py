@@ -26,13 +26,19 @@ def main(quick: bool) -> None:
     graph = graphprune.trace(model)
     print(graph)
 
-    # 2. The graph runs like the model, on real text of any length.
+    # 2. The graph is called like the model: real text of any length, the tokenizer's
+    #    output as it is, labels for the loss, optional inputs left out, tuples on request.
     test = load_rotten_tomatoes()["test"].subset(n_snippets)
-    batch = Collator(tokenizer, max_length=64)([test[i] for i in range(len(test))])
-    batch.pop("labels")
+    batch = Collator(tokenizer, max_length=64)([test[i] for i in range(len(test))])  # ids, types, mask, labels
     with torch.no_grad():
-        diff = (graph.module(**batch).logits - model(**batch).logits).abs().max().item()
+        out, ref = graph.module(**batch), model(**batch)
+        ids_only = graph.module(batch["input_ids"], batch["attention_mask"], return_dict=False)
+    diff = (out.logits - ref.logits).abs().max().item()
     print(f"\n{n_snippets} snippets, padded to {batch['input_ids'].shape[1]} tokens: max |graph - eager| = {diff:.1e}")
+    print(f"loss with labels: graph {out.loss.item():.4f}, model {ref.loss.item():.4f}")
+    print(f"positional call without token types, return_dict=False: a {type(ids_only).__name__} of {len(ids_only)}")
+    print("graph.module.forward takes the model's parameters:")
+    print("  " + graph.module.code.strip().splitlines()[0])
 
     # 3. Analysis passes attach metadata to every node.
     graph, _ = graphprune.run_pipeline(graph, [("init_metadata", {}), ("add_common_metadata", {"seq_len": 64})])

@@ -57,7 +57,7 @@ def _cmd_info(args) -> int:
 def _cmd_eval(args) -> int:
     from ..ir.graph import load
     from ..training.data import load_dataset
-    from ..training.finetune import evaluate
+    from ..training.evaluate import evaluate
     from ..training.models import load_tokenizer
     from .workflow import check_labels
 

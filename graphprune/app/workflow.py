@@ -6,7 +6,7 @@ from ..ir.graph import Graph
 from ..ir.masks import count_parameters
 from ..ir.summary import Summary
 from ..training.data import Collator, TextDataset
-from ..training.finetune import evaluate
+from ..training.evaluate import evaluate
 from ..training.timing import compare_latency
 
 COLUMNS = ["stage", "accuracy", "loss", "params", "nonzero_params", "latency_vs_dense"]

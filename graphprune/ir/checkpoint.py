@@ -22,12 +22,13 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
+from .calls import upgrade_model_call
 from .errors import CheckpointError
 from .serialize import graph_from_json, graph_to_json
 from .shapes import propagate_shapes
 
 FORMAT = "graphprune-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: graph.json records the model's call signature ("call")
 MANIFEST = "manifest.json"
 GRAPH_FILE = "graph.json"
 TENSOR_FILE = "model.safetensors"
@@ -151,6 +152,8 @@ def read_checkpoint(path) -> dict:
         tensors = safetensors.torch.load(tensor_bytes)
         module = graph_from_json(data, tensors)
         inputs = [n["input"] for n in data["nodes"] if n["op"] == "placeholder"]
+        if manifest["format_version"] < 2:
+            upgrade_model_call(module, manifest.get("source") or {})
     except CheckpointError:
         raise
     except Exception as error:  # checksums passed, so this is an inconsistent or foreign checkpoint

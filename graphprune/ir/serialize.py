@@ -18,6 +18,7 @@ from torch import fx, nn
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
+from .calls import ModelCall, ModelCallCodeGen, install_model_call
 from .errors import CheckpointError
 from .fx_utils import fetch_attr
 from .masks import has_uncommitted_masks
@@ -162,8 +163,11 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
 
     tensors, aliases = _collect_tensors(gm, modules, attrs)
     codegen = gm.graph._codegen
-    pytree_info = None
-    if isinstance(codegen, _PyTreeCodeGen):
+    pytree_info, call = None, None
+    if isinstance(codegen, ModelCallCodeGen):
+        out_spec = codegen.call.out_spec
+        call = {"signature": codegen.call.to_json(), "out_spec": pytree.treespec_dumps(out_spec) if out_spec is not None else None}
+    elif isinstance(codegen, _PyTreeCodeGen):
         info = codegen.pytree_info
         pytree_info = {
             "orig_args": list(info.orig_args),
@@ -178,6 +182,7 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
         "attrs": attrs,
         "aliases": aliases,
         "pytree": pytree_info,
+        "call": call,
     }
     return data, tensors
 
@@ -241,7 +246,10 @@ def graph_from_json(data: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphMod
             node.meta["nn_module_stack"] = {k: (path, cls) for k, path, cls in stack}
         node.meta.update(meta)
         nodes[node.name] = node
-    if data["pytree"] is not None:
+    if data.get("call") is not None:
+        call = data["call"]
+        graph._codegen = ModelCallCodeGen(ModelCall.from_json(call["signature"], _load_spec(call["out_spec"])))
+    elif data["pytree"] is not None:
         info = data["pytree"]
         graph._codegen = _PyTreeCodeGen(
             _PyTreeInfo(info["orig_args"], _load_spec(info["in_spec"]), _load_spec(info["out_spec"]))

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from .errors import TraceError
+from .calls import ModelCall, install_model_call
+from .errors import InputError, TraceError
 from .graph import Graph, source_info
 from .lifting import lift_leaf_modules
 
@@ -68,6 +69,11 @@ def trace(model: nn.Module, example_inputs: Mapping[str, torch.Tensor] | None = 
     The graph shares its modules and parameters with ``model``, as
     ``torch.fx.symbolic_trace`` does; passes run on copies (see ``run_pass``).
 
+    For HF models ``graph.module`` takes the model's own ``forward`` parameters:
+    optional inputs may be left out (they are filled as the model fills them),
+    ``labels`` (or ``start_positions``/``end_positions``) add the model's loss, and
+    ``return_dict=False`` gives its tuple. Example inputs need only ``input_ids``.
+
     Example:
         >>> graph = graphprune.trace(model)
         >>> out = graph.module(**inputs)  # same output type and values as model(**inputs)
@@ -80,6 +86,13 @@ def trace(model: nn.Module, example_inputs: Mapping[str, torch.Tensor] | None = 
         raise TypeError(
             f"graphprune.trace: example_inputs must be a dict of keyword inputs, got {type(example_inputs).__name__}"
         )
+    call = ModelCall.for_model(model)
+    if call is not None:
+        # Every optional input becomes a graph input, filled at call time when left out.
+        try:
+            example_inputs = call.example_inputs(dict(example_inputs))
+        except InputError as error:
+            raise TraceError(f"cannot trace {type(model).__name__}: {error}") from None
     example_inputs = dict(example_inputs)
     if dynamic:
         for name, value in example_inputs.items():
@@ -91,6 +104,10 @@ def trace(model: nn.Module, example_inputs: Mapping[str, torch.Tensor] | None = 
 
     was_training = model.training
     model.eval()  # dropout is lifted into modules, so export sees the deterministic path
+    config = getattr(model, "config", None)
+    return_dict = getattr(config, "return_dict", None)
+    if call is not None and return_dict is False:
+        config.return_dict = True  # trace the ModelOutput; the call returns tuples as the model does
     try:
         exported = torch.export.export(
             model,
@@ -100,12 +117,16 @@ def trace(model: nn.Module, example_inputs: Mapping[str, torch.Tensor] | None = 
             strict=False,
         )
         module = lift_leaf_modules(exported.module(), model)
+        if call is not None:
+            install_model_call(module, call, exported.call_spec.out_spec)
     except TraceError:
         raise
     except Exception as error:  # export raises many types; the user needs the class and the cause
         raise TraceError(f"cannot trace {type(model).__name__}: {type(error).__name__}: {error}") from error
     finally:
         model.train(was_training)
+        if call is not None and return_dict is False:
+            config.return_dict = False
 
     module.train(was_training)
     return Graph(module, source=source_info(model))

@@ -16,7 +16,8 @@ from ..ir.errors import CheckpointError
 from ..ir.graph import Graph, load
 from ..ir.tracing import trace
 from .data import load_rotten_tomatoes
-from .finetune import evaluate, finetune
+from .evaluate import evaluate
+from .finetune import finetune
 from .models import load_minilm
 
 BASELINE_NAME = "minilm-rotten-tomatoes-v1"

@@ -37,7 +37,7 @@ def package_file(package: str, relative: str) -> Path:
 
 @dataclass
 class TextDataset(torch.utils.data.Dataset):
-    """Texts with integer labels; tokenised on demand by :func:`make_loader`."""
+    """Texts with integer labels; tokenised on demand by :class:`Collator` (see ``batches.make_batches``)."""
 
     texts: list[str]
     labels: list[int]
@@ -163,10 +163,3 @@ class Collator:
             encoded = dict(self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=2, return_tensors="pt"))
         encoded["labels"] = torch.tensor(labels, dtype=torch.long)
         return encoded
-
-
-def make_loader(dataset: TextDataset, tokenizer, *, batch_size: int = 32, max_length: int = 64, shuffle: bool = False, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=Collator(tokenizer, max_length), generator=generator
-    )

@@ -1,4 +1,4 @@
-"""Evaluation and fine-tuning of a traced graph itself (not the source model).
+"""Fine-tuning of a traced graph itself (not the source model), with its own task loss.
 
 Training runs through HF ``accelerate``: the same code uses one CPU here, and
 several GPUs or machines under ``accelerate launch``. Whatever a pass put into the
@@ -18,37 +18,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import TextDataset, make_loader
+from ..ir.calls import model_call_of
 from ..ir.graph import Graph
-
-
-def _forward(module, batch):
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    return module(**inputs).logits
-
-
-@torch.no_grad()
-def evaluate(graph: Graph, data: TextDataset, tokenizer, *, batch_size: int = 64, max_length: int = 64, progress: bool = True) -> dict:
-    """Accuracy and mean cross-entropy of ``graph`` on ``data`` (eval mode, no_grad).
-
-    The graph's train/eval mode is restored afterwards.
-    """
-    module = graph.module
-    was_training = module.training
-    module.eval()
-    correct, loss_sum, n = 0, 0.0, 0
-    try:
-        loader = make_loader(data, tokenizer, batch_size=batch_size, max_length=max_length)
-        for batch in tqdm(loader, desc=f"evaluate {data.name}", disable=not progress, leave=False):
-            logits = _forward(module, batch)
-            loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-            n += len(batch["labels"])
-    finally:
-        module.train(was_training)
-    if n == 0:
-        raise ValueError(f"evaluate: dataset {data.name!r} is empty")
-    return {"accuracy": correct / n, "loss": loss_sum / n, "examples": n}
+from .batches import data_name, make_batches, subset
+from .evaluate import evaluate, task_of
 
 
 class Callback(Protocol):
@@ -98,30 +71,52 @@ class FinetuneResult:
     evaluations: list[dict] = field(default_factory=list)
 
 
-def distillation_loss(student_logits, teacher_logits, labels, temperature: float, weight: float):
-    """(1 - w) * CE(student, labels) + w * T^2 * KL(teacher_T || student_T) (Hinton et al. 2015)."""
-    ce = F.cross_entropy(student_logits, labels)
+def kd_divergence(student_logits, teacher_logits, temperature: float, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher / T) || softmax(student / T)) over the last dimension, averaged over rows.
+
+    Rows are every position before the last dimension (examples; or tokens, where
+    ``mask`` keeps only the real ones).
+    """
+    classes = student_logits.size(-1)
     kl = F.kl_div(
-        F.log_softmax(student_logits / temperature, dim=-1),
-        F.log_softmax(teacher_logits / temperature, dim=-1),
-        reduction="batchmean",
+        F.log_softmax(student_logits.reshape(-1, classes) / temperature, dim=-1),
+        F.log_softmax(teacher_logits.reshape(-1, classes) / temperature, dim=-1),
+        reduction="none",
         log_target=True,
-    )
-    return (1 - weight) * ce + weight * temperature**2 * kl
+    ).sum(-1)
+    if mask is not None and mask.numel() == kl.numel():
+        kl = kl[mask.reshape(-1).bool()]
+    return temperature**2 * kl.mean()
+
+
+def distillation_loss(student, teacher, task_loss, temperature: float, weight: float, mask: torch.Tensor | None = None):
+    """(1 - w) * task loss + w * T^2 * KL(teacher_T || student_T) (Hinton et al. 2015).
+
+    ``student`` and ``teacher`` are the graphs' outputs; the divergence is averaged
+    over their logits fields (``logits``, or ``start_logits`` and ``end_logits``).
+    """
+    fields = [k for k in student.keys() if k.endswith("logits")]
+    kd = sum(kd_divergence(student[k], teacher[k], temperature, mask) for k in fields) / len(fields)
+    return (1 - weight) * task_loss + weight * kd
 
 
 def finetune(
     graph: Graph,
-    train_data: TextDataset,
-    tokenizer,
+    train_data,
+    tokenizer=None,
     *,
-    eval_data: TextDataset | None = None,
+    eval_data=None,
     teacher: Graph | None = None,
     callbacks: list | tuple = (),
+    collate_fn=None,
     **options,
 ) -> FinetuneResult:
     """Fine-tune ``graph`` in place on ``train_data``; returns losses and per-epoch evaluations.
 
+    The loss is the graph's own (the source model's task loss: classification,
+    token classification, question answering, masked LM), so ``train_data`` must
+    carry targets: a ``TextDataset`` (with ``tokenizer``), a list of example dicts
+    (collated by ``collate_fn``, default HF's padding collator), or a DataLoader.
     Options are the fields of :class:`FinetuneConfig` (learning_rate, epochs or
     max_steps, batch_size, subset, seed, ...). With ``teacher`` (usually the dense
     graph) the loss is the distillation loss with ``kd_temperature``/``kd_weight``.
@@ -135,12 +130,15 @@ def finetune(
     from accelerate import Accelerator
 
     config = FinetuneConfig(**options)
+    task_of(graph, "finetune")
     torch.manual_seed(config.seed)
-    data = train_data.subset(config.subset, seed=config.seed)
-    loader = make_loader(data, tokenizer, batch_size=config.batch_size, max_length=config.max_length, shuffle=True, seed=config.seed)
+    data = subset(train_data, config.subset, seed=config.seed)
+    loader = make_batches(
+        data, tokenizer, batch_size=config.batch_size, max_length=config.max_length, shuffle=True, seed=config.seed, collate_fn=collate_fn
+    )
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"finetune: dataset {train_data.name!r} is empty")
+        raise ValueError(f"finetune: dataset {data_name(train_data)!r} is empty")
     total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     for g in (graph, teacher):
@@ -159,6 +157,7 @@ def finetune(
     )
     module, optimizer, loader, schedule = accelerator.prepare(module, optimizer, loader, schedule)
     teacher_module = teacher.module.eval() if teacher is not None else None
+    targets = set(model_call_of(graph.module).targets)
 
     result = FinetuneResult(steps=0)
     module.train()
@@ -166,13 +165,15 @@ def finetune(
     try:
         while result.steps < total:
             for batch in loader:
-                logits = _forward(module, batch)
+                out = module(**batch)
+                loss = out.get("loss")
+                if loss is None:
+                    raise ValueError(f"finetune: the batches of {data_name(train_data)} carry no targets for the loss")
                 if teacher_module is not None:
+                    inputs = {k: v for k, v in batch.items() if k not in targets}
                     with torch.no_grad():
-                        teacher_logits = _forward(teacher_module, batch)
-                    loss = distillation_loss(logits, teacher_logits, batch["labels"], config.kd_temperature, config.kd_weight)
-                else:
-                    loss = F.cross_entropy(logits, batch["labels"])
+                        teacher_out = teacher_module(**inputs)
+                    loss = distillation_loss(out, teacher_out, loss, config.kd_temperature, config.kd_weight, batch.get("attention_mask"))
                 accelerator.backward(loss)
                 optimizer.step()
                 schedule.step()
@@ -185,9 +186,13 @@ def finetune(
                     callback.on_step_end(graph, result.steps, total)
                 if result.steps % steps_per_epoch == 0 or result.steps == total:
                     if eval_data is not None:
-                        metrics = evaluate(graph, eval_data, tokenizer, batch_size=config.eval_batch_size, max_length=config.max_length, progress=False)
+                        metrics = evaluate(
+                            graph, eval_data, tokenizer, batch_size=config.eval_batch_size, max_length=config.max_length,
+                            collate_fn=collate_fn, progress=False,
+                        )
                         result.evaluations.append({"step": result.steps, **metrics})
-                        bar.write(f"step {result.steps}: {eval_data.name} accuracy {metrics['accuracy']:.4f} loss {metrics['loss']:.4f}")
+                        accuracy = "-" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}"
+                        bar.write(f"step {result.steps}: {data_name(eval_data)} accuracy {accuracy} loss {metrics['loss']:.4f}")
                     module.train()
                 if result.steps >= total:
                     break
@@ -196,6 +201,6 @@ def finetune(
         graph.module.eval()
     recorded = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "eval_batch_size")}
     graph.history.append(
-        {"pass": "finetune", "config": {**recorded, "dataset": train_data.name, "steps": result.steps, "teacher": teacher is not None}}
+        {"pass": "finetune", "config": {**recorded, "dataset": data_name(train_data), "steps": result.steps, "teacher": teacher is not None}}
     )
     return result

@@ -54,20 +54,76 @@ def test_manifest_records_versions_source_passes_and_checksums(saved):
 def test_fresh_process_gives_bit_identical_outputs(saved, tiny_graph, tmp_path):
     model = make_model()
     inputs = padded_inputs(model, 2, 9)
-    torch.save(inputs, tmp_path / "inputs.pt")
+    labels = torch.tensor([1, 0])
+    torch.save({"inputs": inputs, "labels": labels}, tmp_path / "inputs.pt")
     with torch.no_grad():
-        expected = tiny_graph.module(**inputs).logits
+        expected = [
+            tiny_graph.module(**inputs).logits,
+            tiny_graph.module(inputs["input_ids"], inputs["attention_mask"], labels=labels, return_dict=False),
+        ]
     script = textwrap.dedent(
         f"""
         import torch, graphprune
         graph = graphprune.load({str(saved)!r})
-        inputs = torch.load({str(tmp_path / 'inputs.pt')!r})
+        data = torch.load({str(tmp_path / 'inputs.pt')!r})
+        inputs, labels = data["inputs"], data["labels"]
         with torch.no_grad():
-            torch.save(graph.module(**inputs).logits, {str(tmp_path / 'out.pt')!r})
+            out = [
+                graph.module(**inputs).logits,
+                graph.module(inputs["input_ids"], inputs["attention_mask"], labels=labels, return_dict=False),
+            ]
+        torch.save(out, {str(tmp_path / 'out.pt')!r})
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
-    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+    logits, (loss, tuple_logits) = torch.load(tmp_path / "out.pt")
+    assert torch.equal(logits, expected[0])
+    assert torch.equal(loss, expected[1][0]) and torch.equal(tuple_logits, expected[1][1])
+
+
+def test_call_signature_survives_save_and_load(tmp_path):
+    model = make_model("BertForQuestionAnswering")
+    graph = graphprune.trace(model)
+    graph.save(tmp_path / "qa")
+    again = graphprune.load(tmp_path / "qa")
+    assert again.module.code == graph.module.code
+    inputs = padded_inputs(model, 2, 7)
+    positions = {"start_positions": torch.tensor([1, 2]), "end_positions": torch.tensor([3, 5])}
+    with torch.no_grad():
+        out, ref = again.module(input_ids=inputs["input_ids"], **positions), model(input_ids=inputs["input_ids"], **positions)
+    assert type(out) is type(ref) and torch.equal(out.loss, ref.loss) and torch.equal(out.end_logits, ref.end_logits)
+
+
+def test_format_1_checkpoints_load_with_their_models_call(tmp_path):
+    # A graph as graphprune 0.1 saved it: export's own signature (every traced input
+    # required, no labels) and format_version 1 in the manifest.
+    from graphprune.ir.graph import Graph, source_info
+    from graphprune.ir.lifting import lift_leaf_modules
+    from graphprune.ir.tracing import _dynamic_shapes
+
+    model = make_model("RobertaForSequenceClassification")
+    inputs = padded_inputs(model, 2, 8)
+    traced = {k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    exported = torch.export.export(model, (), traced, dynamic_shapes=_dynamic_shapes(traced), strict=False)
+    old = Graph(lift_leaf_modules(exported.module(), model), source=source_info(model)).eval()
+    old.save(tmp_path / "v1")
+    assert json.loads((tmp_path / "v1" / "graph.json").read_text())["call"] is None
+    manifest = json.loads((tmp_path / "v1" / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (tmp_path / "v1" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TypeError):
+        old.module(input_ids=inputs["input_ids"])  # what 0.1 users had
+    graph = graphprune.load(tmp_path / "v1")
+    labels = torch.tensor([0, 1])
+    ids = inputs["input_ids"]
+    with torch.no_grad():
+        out = graph.module(input_ids=ids, labels=labels)
+        # what the model does when the mask and token types are left out, done by hand on the old graph
+        ref = old.module(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids))
+    assert torch.equal(out.logits, ref.logits)
+    assert torch.equal(out.loss, torch.nn.functional.cross_entropy(ref.logits, labels))
+    with pytest.raises(graphprune.InputError, match="traced without it"):
+        graph.module(**inputs, position_ids=torch.arange(8)[None])
 
 
 def test_tied_weights_stay_tied(tmp_path):
@@ -156,7 +212,7 @@ def test_future_format_version(saved):
     manifest = json.loads((saved / "manifest.json").read_text())
     manifest["format_version"] = checkpoint.FORMAT_VERSION + 1
     (saved / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(graphprune.CheckpointError, match="format 2.*upgrade graphprune"):
+    with pytest.raises(graphprune.CheckpointError, match=f"format {checkpoint.FORMAT_VERSION + 1}.*upgrade graphprune"):
         graphprune.load(saved)
 
 

@@ -66,8 +66,28 @@ def test_distillation_loss_formula():
     T, w = 3.0, 0.25
     p_t = torch.softmax(t / T, -1)
     kl = (p_t * (torch.log(p_t) - torch.log_softmax(s / T, -1))).sum(-1).mean()
-    expected = (1 - w) * F.cross_entropy(s, y) + w * T * T * kl
-    assert distillation_loss(s, t, y, T, w).item() == pytest.approx(expected.item(), rel=1e-6)
+    ce = F.cross_entropy(s, y)
+    expected = (1 - w) * ce + w * T * T * kl
+    assert distillation_loss({"logits": s}, {"logits": t}, ce, T, w).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_distillation_over_tokens_skips_padding_and_averages_logits_fields():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    T = 2.0
+
+    def kl_rows(a, b):
+        p = torch.softmax(b / T, -1)
+        return (p * (torch.log(p) - torch.log_softmax(a / T, -1))).sum(-1)
+
+    expected = T * T * kl_rows(s, t)[mask.bool()].mean()
+    assert distillation_loss({"logits": s}, {"logits": t}, torch.tensor(0.0), T, 1.0, mask).item() == pytest.approx(expected.item(), rel=1e-6)
+    # question answering: start and end distributions over positions, averaged
+    (s1, s2), (t1, t2) = torch.randn(2, 2, 5), torch.randn(2, 2, 5)
+    expected = T * T * (kl_rows(s1, t1).mean() + kl_rows(s2, t2).mean()) / 2
+    out = distillation_loss({"start_logits": s1, "end_logits": s2}, {"start_logits": t1, "end_logits": t2}, torch.tensor(0.0), T, 1.0, mask)
+    assert out.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_distillation_from_a_teacher_graph(tiny):

@@ -1,0 +1,146 @@
+"""evaluate and finetune use the graph's own loss: token classification, question answering, HF Trainer."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as tf
+from torch import nn
+from torch.nn.utils import parametrize
+
+import graphprune
+
+from ..models import NEGATIVE, POSITIVE, make_model, sentiment_data, tiny_tokenizer
+
+
+def token_examples(n: int, seed: int = 0) -> list[dict]:
+    """One example per snippet: label 1 on the sentiment word, 0 on filler, -100 on [CLS]/[SEP]."""
+    tokenizer = tiny_tokenizer()
+    sentiment = set(tokenizer.convert_tokens_to_ids(POSITIVE + NEGATIVE))
+    examples = []
+    for text in sentiment_data(n, seed=seed).texts:
+        encoded = tokenizer(text)
+        ids = encoded["input_ids"]
+        labels = [-100 if i in (tokenizer.cls_token_id, tokenizer.sep_token_id) else int(i in sentiment) for i in ids]
+        examples.append({**encoded, "labels": labels})
+    return examples
+
+
+def qa_examples(n: int, seed: int = 0) -> list[dict]:
+    """The 'answer' is the one sentiment word: its position is both start and end."""
+    examples = []
+    for example in token_examples(n, seed):
+        position = example.pop("labels").index(1)
+        examples.append({**example, "start_positions": position, "end_positions": position})
+    return examples
+
+
+def test_token_classification_finetunes_and_evaluates_with_its_own_loss():
+    graph = graphprune.trace(make_model("BertForTokenClassification"))
+    tokenizer = tiny_tokenizer()
+    collate = tf.DataCollatorForTokenClassification(tokenizer)
+    train, test = token_examples(96, seed=0), token_examples(24, seed=1)
+    before = graphprune.evaluate(graph, test, collate_fn=collate, progress=False)
+    result = graphprune.finetune(graph, train, collate_fn=collate, epochs=12, batch_size=16, learning_rate=3e-3, progress=False)
+    after = graphprune.evaluate(graph, test, collate_fn=collate, batch_size=7, progress=False)
+    assert sum(result.losses[-6:]) < sum(result.losses[:6]) * 0.5
+    assert after["loss"] < before["loss"] and after["accuracy"] >= 0.95 and after["examples"] == 24
+
+    # oracle: token-level cross-entropy and accuracy over labelled tokens, by hand
+    batch = collate(test)
+    with torch.no_grad():
+        logits = graph.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labelled = batch["labels"] != -100
+    assert after["loss"] == pytest.approx(F.cross_entropy(logits[labelled], batch["labels"][labelled]).item(), rel=1e-4)
+    assert after["accuracy"] == pytest.approx((logits.argmax(-1) == batch["labels"])[labelled].float().mean().item())
+
+
+def test_question_answering_finetunes_and_evaluates_with_its_own_loss():
+    graph = graphprune.trace(make_model("BertForQuestionAnswering"))
+    collate = tf.DataCollatorWithPadding(tiny_tokenizer())
+    train, test = qa_examples(96, seed=0), qa_examples(24, seed=1)
+    before = graphprune.evaluate(graph, test, collate_fn=collate, progress=False)
+    graphprune.finetune(graph, train, collate_fn=collate, epochs=12, batch_size=16, learning_rate=3e-3, progress=False)
+    after = graphprune.evaluate(graph, test, collate_fn=collate, progress=False)
+    assert after["loss"] < before["loss"] * 0.5 and after["accuracy"] >= 0.9
+
+    batch = collate(test)
+    with torch.no_grad():
+        out = graph.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    start, end = batch["start_positions"], batch["end_positions"]
+    expected_loss = (F.cross_entropy(out.start_logits, start) + F.cross_entropy(out.end_logits, end)) / 2
+    exact = ((out.start_logits.argmax(-1) == start) & (out.end_logits.argmax(-1) == end)).float().mean()
+    assert after["loss"] == pytest.approx(expected_loss.item(), rel=1e-4)
+    assert after["accuracy"] == pytest.approx(exact.item())
+
+
+def test_distillation_works_for_token_classification():
+    graph = graphprune.trace(make_model("BertForTokenClassification"))
+    teacher = graph.copy()
+    collate = tf.DataCollatorForTokenClassification(tiny_tokenizer())
+    result = graphprune.finetune(graph, token_examples(32), teacher=teacher, kd_weight=1.0, collate_fn=collate, max_steps=3, batch_size=8, progress=False)
+    assert result.steps == 3 and result.losses[0] < 1e-3  # a student equal to its teacher, but for dropout
+
+
+def test_hf_trainer_trains_graph_module_exactly_like_the_model(tmp_path):
+    tokenizer = tiny_tokenizer()
+    data = sentiment_data(64)
+    examples = [dict(tokenizer(t, truncation=True, max_length=16), labels=label) for t, label in zip(data.texts, data.labels)]
+    model = make_model()
+    graph = graphprune.trace(copy.deepcopy(model))
+    histories = []
+    for module in (graph.module, model):
+        args = tf.TrainingArguments(
+            output_dir=str(tmp_path), max_steps=60, per_device_train_batch_size=16, learning_rate=3e-3, report_to=[],
+            save_strategy="no", logging_steps=10, use_cpu=True, disable_tqdm=True, seed=0,
+        )
+        trainer = tf.Trainer(model=module, args=args, train_dataset=examples, data_collator=tf.DataCollatorWithPadding(tokenizer))
+        trainer.train()
+        histories.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    graph_losses, model_losses = histories
+    assert len(graph_losses) == 6
+    assert graph_losses == pytest.approx(model_losses, abs=1e-4)  # same dropout draws, same updates
+    assert graph_losses[-1] < graph_losses[0] * 0.5
+
+
+class SnapToGrid(nn.Module):
+    """A fake-quantizer as a parametrization: weights on a 1/16 grid, straight-through gradients."""
+
+    def forward(self, weight):
+        return weight + (torch.round(weight * 16) / 16 - weight).detach()
+
+
+def test_finetune_and_evaluate_keep_working_with_masks_and_fake_quantizers():
+    graph = graphprune.trace(make_model())
+    tokenizer = tiny_tokenizer()
+    up = graph.module.get_submodule("bert.encoder.layer.0.intermediate.dense")
+    down = graph.module.get_submodule("bert.encoder.layer.0.output.dense")
+    mask = (torch.rand_like(up.weight) > 0.5).float()
+    torch.nn.utils.prune.custom_from_mask(up, "weight", mask)
+    parametrize.register_parametrization(down, "weight", SnapToGrid())
+    before = down.parametrizations.weight.original.detach().clone()
+    result = graphprune.finetune(graph, sentiment_data(64), tokenizer, max_steps=6, batch_size=16, learning_rate=1e-2, progress=False)
+    assert result.steps == 6
+    assert torch.all(up.weight[mask == 0] == 0)
+    assert not torch.equal(down.parametrizations.weight.original, before)  # gradients reached the latent weights
+    assert torch.equal(down.weight, torch.round(down.weight * 16) / 16)  # the forward sees grid values
+    metrics = graphprune.evaluate(graph, sentiment_data(16), tokenizer, progress=False)
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["examples"] == 16
+
+
+def test_graphs_without_a_task_loss_are_refused_clearly():
+    graph = graphprune.trace(make_model("BertModel"))
+    with pytest.raises(ValueError, match="needs a graph traced from a HF task head.*BertModel has no loss"):
+        graphprune.evaluate(graph, sentiment_data(8), tiny_tokenizer(), progress=False)
+    with pytest.raises(ValueError, match="finetune needs a graph traced from a HF task head"):
+        graphprune.finetune(graph, sentiment_data(8), tiny_tokenizer(), progress=False)
+
+
+def test_examples_without_targets_are_refused_clearly():
+    graph = graphprune.trace(make_model())
+    examples = [{"input_ids": [2, 8, 9, 3]} for _ in range(4)]
+    with pytest.raises(ValueError, match="carry no labels"):
+        graphprune.evaluate(graph, examples, tiny_tokenizer(), progress=False)
+    with pytest.raises(ValueError, match="must be dicts of model inputs"):
+        graphprune.evaluate(graph, [(1, 2)], progress=False)
