@@ -21,14 +21,17 @@ from .ir.graph import Graph, load
 from .ir.masks import commit_masks, count_parameters
 from .ir.modules import AttentionCore, register_module_type
 from .ir.tracing import dummy_inputs, trace
+from .training.calibration import CalibrationData
 from .training.evaluate import evaluate
 from .training.finetune import finetune
+from .training.iterative import iterative_prune
 from .training.schedule import GradualPruning, cubic_sparsity
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCore",
+    "CalibrationData",
     "CheckpointError",
     "ConfigError",
     "Graph",
@@ -47,6 +50,7 @@ __all__ = [
     "evaluate",
     "finetune",
     "get_pass",
+    "iterative_prune",
     "list_passes",
     "load",
     "load_steps",

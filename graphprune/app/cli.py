@@ -48,8 +48,16 @@ def _cmd_info(args) -> int:
     print(f"\nsource: {graph.source.get('model_class')}")
     for i, step in enumerate(graph.history, 1):
         print(f"pass {i}: {step['pass']} {step['config']}")
+    sparsity = graph.meta.get("sparsity")
+    if sparsity:
+        totals = sparsity["totals"]
+        print(
+            f"sparsity: {totals['zero_weights']:,} of {totals['linear_weights']:,} Linear weights are zero "
+            f"({totals['weight_sparsity']:.2%}); {totals['activation_pruned_layers']} Linear inputs pruned at run time"
+            + ("; masks not committed" if totals.get("masked") else "")
+        )
     for key, value in graph.meta.items():
-        if key not in ("common",):
+        if key not in ("common", "sparsity"):
             print(f"{key}: {value}")
     return 0
 

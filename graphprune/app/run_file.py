@@ -9,16 +9,23 @@
     eval_limit = 500             # optional: a seeded subset
     max_length = 64
 
-    [[passes]]
-    name = "demo_magnitude_prune"
+    [[passes]]                   # passes that take calibration data get the train split
+    name = "prune_weight"
+    method = "sparsegpt"
     sparsity = 0.5
 
-    [finetune]                   # optional: any graphprune.finetune option, plus distill
-    max_steps = 100
+    [iterative]                  # optional: prune in steps, fine-tuning after each
+    pass = "prune_weight"        # default
+    target_sparsity = 0.9
+    steps = 3
+    config = { method = "l1" }   # the pass's other fields
+
+    [finetune]                   # optional: any graphprune.finetune option, plus distill;
+    max_steps = 100              # with [iterative], the fine-tune of every step
     distill = true               # the uncompressed graph is the teacher
 
     [output]
-    checkpoint = "runs/pruned"
+    checkpoint = "runs/pruned"   # masks are committed before saving
 
 Everything is checked before any work starts; a mistake is reported with the file,
 the section and the field.
@@ -29,15 +36,20 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from ..infra.config import build_config
+from ..infra.registry import get_pass
 from ..infra.pipeline import normalise_steps, read_toml, resolve_steps, run_pass, run_pipeline
 from ..ir.masks import has_uncommitted_masks
 from ..ir.summary import Summary
 from ..training.data import DATASETS, load_dataset
+from ..training.calibration import CalibrationData
 from ..training.finetune import FinetuneConfig, finetune
+from ..training.iterative import iterative_prune
 from .workflow import check_labels, latency_batch, results_table, stage_row
 
-SECTIONS = {"model", "data", "passes", "finetune", "output"}
+SECTIONS = {"model", "data", "passes", "iterative", "finetune", "output"}
 FIELDS = {
+    "iterative": {"pass", "target_sparsity", "steps", "config"},
     "model": {"name", "checkpoint", "num_labels"},
     "data": {"name", "eval_split", "eval_limit", "max_length"},
     "output": {"checkpoint"},
@@ -93,15 +105,39 @@ def read_job(path) -> dict:
             FinetuneConfig(**finetune_spec)
         except ValueError as error:
             raise ValueError(f"{path}: [finetune] {error}") from None
+    iterative = None
+    if "iterative" in spec:
+        iterative = _check_iterative(path, _check_section(path, "iterative", spec["iterative"]))
+        if "finetune" not in spec:
+            raise ValueError(f"{path}: [iterative] needs a [finetune] section: the fine-tuning of every step (max_steps, ...)")
     output = _check_section(path, "output", spec.get("output", {}))
     return {
         "model": model,
         "data": data,
         "steps": [(info.name, cfg) for info, cfg in steps],
+        "iterative": iterative,
         "finetune": finetune_spec if "finetune" in spec else None,
         "distill": bool(distill),
         "output": output.get("checkpoint"),
     }
+
+
+def _check_iterative(path: Path, section: dict) -> dict:
+    target = section.get("target_sparsity")
+    if not isinstance(target, (int, float)) or isinstance(target, bool) or not 0 < target < 1:
+        raise ValueError(f"{path}: [iterative] target_sparsity = {target!r} is not allowed; expected a number in (0, 1)")
+    steps = section.get("steps", 3)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"{path}: [iterative] steps = {steps!r} is not allowed; expected an integer >= 1")
+    name = section.get("pass", "prune_weight")
+    config = section.get("config", {})
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: [iterative] config must be a table of the pass's fields")
+    try:
+        build_config(name, get_pass(name).config_cls, {**config, "sparsity": target})
+    except ValueError as error:
+        raise ValueError(f"{path}: [iterative] {error}") from None
+    return {"pass": name, "target_sparsity": float(target), "steps": steps, "config": config}
 
 
 def _load_model(model: dict, num_labels: int):
@@ -135,13 +171,24 @@ def run_file(path, *, log=print) -> Summary:
     inputs = latency_batch(data, tokenizer, max_length=max_length)
 
     rows = [stage_row("input model", dense, dense, data, tokenizer, inputs, max_length=max_length)]
-    graph, _ = run_pipeline(dense, job["steps"]) if job["steps"] else (dense, [])
+    calibration = CalibrationData(splits["train"], tokenizer, max_length=max_length)
+    graph, _ = run_pipeline(dense, job["steps"], data=calibration) if job["steps"] else (dense, [])
     if job["steps"]:
         rows.append(stage_row("after passes", graph, dense, data, tokenizer, inputs, max_length=max_length))
-    if job["finetune"] is not None:
+    teacher = dense if job["distill"] else None
+    options = {"max_length": max_length, **(job["finetune"] or {})}
+    if job["iterative"] is not None:
+        spec = job["iterative"]
+        result = iterative_prune(
+            graph, spec["pass"], spec["config"], target_sparsity=spec["target_sparsity"], steps=spec["steps"],
+            train_data=splits["train"], tokenizer=tokenizer, eval_data=data, teacher=teacher, data=calibration, log=log, **options,
+        )
+        graph = result.graph
+        log(str(result.table))
+        rows.append(stage_row(f"after iterative pruning ({spec['steps']} steps)", graph, dense, data, tokenizer, inputs, max_length=max_length))
+    elif job["finetune"] is not None:
         graph = graph.copy() if graph is dense else graph
-        options = {"max_length": max_length, **job["finetune"]}
-        finetune(graph, splits["train"], tokenizer, teacher=dense if job["distill"] else None, **options)
+        finetune(graph, splits["train"], tokenizer, teacher=teacher, **options)
         rows.append(stage_row("after fine-tune", graph, dense, data, tokenizer, inputs, max_length=max_length))
     if job["output"]:
         if any(has_uncommitted_masks(m) for m in graph.module.modules()):

@@ -4,6 +4,12 @@ A config class declares its fields with types and defaults; range checks go in
 ``__post_init__`` and raise :class:`ConfigError` via the ``check_*`` helpers. The
 pass name is added by :func:`build_config`, so every message names the pass, the
 field, the value and what is allowed.
+
+Two shapes beyond flat fields, for MASE-style configs: a field whose type is itself a
+config dataclass is built from a nested table (its errors name ``outer.inner``), and
+a class that sets ``EXTRA_FIELD = "entries"`` collects every key that is not one of
+its fields into that dict field (``{"by": "role", "ffn_up": {...}}``), for its
+``__post_init__`` to check.
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ def _describe(tp) -> str:
         return f"a list of {_describe(args[0])}" if args else "a list"
     if tp is type(None):
         return "none"
+    if origin is dict or tp is dict:
+        return "a table"
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return f"a table of {', '.join(f.name for f in dataclasses.fields(tp))}"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -71,6 +81,10 @@ def _coerce(tp, value):
             except TypeError:
                 continue
         raise TypeError
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise TypeError
+        return dict(value)  # a copy: the caller's table is never changed
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise TypeError
@@ -114,37 +128,80 @@ def build_config(pass_name: str, config_cls: type | None, raw: Mapping[str, Any]
         return None
     if isinstance(raw, config_cls):
         return raw
-    if raw is None:
-        raw = {}
+    try:
+        return _build(config_cls, {} if raw is None else raw)
+    except ConfigError as error:
+        raise ValueError(f"pass {pass_name!r}: {error}") from None
+    except _Unknown as error:
+        raise ValueError(f"pass {pass_name!r}: {error}") from None
+
+
+class _Unknown(ValueError):
+    pass
+
+
+def _dataclass_in(tp) -> type | None:
+    """The config dataclass a field type names (directly or as ``X | None``), if any."""
+    for option in (tp, *typing.get_args(tp)):
+        if isinstance(option, type) and dataclasses.is_dataclass(option):
+            return option
+    return None
+
+
+def build_table(config_cls: type, raw, prefix: str = ""):
+    """Build a config dataclass from a nested table whose errors name ``prefix + field``.
+
+    For configs whose ``__post_init__`` builds tables of their own (MASE-style entries).
+    """
+    return _build(config_cls, raw, prefix)
+
+
+def _build(config_cls: type, raw, prefix: str = ""):
     if not isinstance(raw, Mapping):
-        raise ValueError(f"pass {pass_name!r}: config must be a table of fields, got {type(raw).__name__} {raw!r}")
+        where = f"field {prefix[:-1]!r}" if prefix else "config"
+        raise _Unknown(f"{where} must be a table of fields, got {type(raw).__name__} {raw!r}")
     fields = {f.name: f for f in dataclasses.fields(config_cls) if f.init}
     hints = typing.get_type_hints(config_cls)
+    extra_field = getattr(config_cls, "EXTRA_FIELD", None)
     unknown = sorted(str(k) for k in raw if k not in fields)
-    if unknown:
-        raise ValueError(
-            f"pass {pass_name!r}: unknown config field {unknown[0]!r}; allowed fields: {sorted(fields) or 'none'}"
-        )
-    values = {}
+    values: dict[str, Any] = {}
+    if unknown and extra_field:
+        values[extra_field] = {k: v for k, v in raw.items() if k not in fields}
+    elif unknown:
+        raise _Unknown(f"unknown config field {prefix + unknown[0]!r}; allowed fields: {sorted(fields) or 'none'}")
     for name, value in raw.items():
+        if name not in fields:
+            continue
+        nested = _dataclass_in(hints[name])
+        if nested is not None and isinstance(value, Mapping):
+            values[name] = _build(nested, value, f"{prefix}{name}.")
+            continue
         try:
             values[name] = _coerce(hints[name], value)
         except TypeError:
-            raise ValueError(
-                f"pass {pass_name!r}: field {name!r} = {value!r} has the wrong type; expected {_describe(hints[name])}"
+            raise _Unknown(
+                f"field {prefix + name!r} = {value!r} has the wrong type; expected {_describe(hints[name])}"
             ) from None
     try:
         return config_cls(**values)
     except ConfigError as error:
-        raise ValueError(f"pass {pass_name!r}: {error}") from None
+        if not prefix:
+            raise
+        raise ConfigError(prefix + error.field, error.value, error.allowed) from None
 
 
 def config_to_dict(config) -> dict[str, Any]:
-    """A JSON-able dict of a config (tuples become lists), for history and manifests."""
+    """A JSON-able dict of a config (nested configs as tables, tuples as lists), for history and manifests."""
     if config is None:
         return {}
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = list(value) if isinstance(value, tuple) else value
-    return out
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _plain(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value

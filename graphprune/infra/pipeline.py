@@ -19,7 +19,9 @@ from .errors import PassError, PipelineError
 from .registry import PassInfo, get_pass
 
 
-def run_pass(graph: Graph, name: str, config: Mapping[str, Any] | Any | None = None, *, inplace: bool = False) -> tuple[Graph, dict]:
+def run_pass(
+    graph: Graph, name: str, config: Mapping[str, Any] | Any | None = None, *, inplace: bool = False, data=None
+) -> tuple[Graph, dict]:
     """Run the registered pass ``name`` on a copy of ``graph``; return ``(new_graph, info)``.
 
     Raises ``ValueError`` for an unknown pass or a bad config (naming the pass, the
@@ -27,6 +29,8 @@ def run_pass(graph: Graph, name: str, config: Mapping[str, Any] | Any | None = N
     fails. ``graph`` is unchanged in every case, unless ``inplace=True``: then the
     pass works on ``graph`` itself (for callbacks during training, where an
     optimizer holds the graph's parameters) and a failure may leave it half-done.
+    ``data`` is calibration data for passes that take it (Wanda, SparseGPT, ...):
+    a TextDataset, tokenised examples or ready batches.
 
     Example:
         >>> graph, info = graphprune.run_pass(graph, "add_common_metadata", {"seq_len": 128})
@@ -34,15 +38,18 @@ def run_pass(graph: Graph, name: str, config: Mapping[str, Any] | Any | None = N
     _check_graph(graph)
     info = get_pass(name)
     cfg = build_config(name, info.config_cls, config)
+    if data is not None and not info.takes_data:
+        raise ValueError(f"pass {name!r} takes no calibration data; call it without data=")
     work = graph if inplace else graph.copy(share_tensors=info.kind == "analysis")
-    return _apply(work, info, cfg)
+    return _apply(work, info, cfg, data)
 
 
-def run_pipeline(graph: Graph, steps: Sequence | str | os.PathLike) -> tuple[Graph, list[dict]]:
+def run_pipeline(graph: Graph, steps: Sequence | str | os.PathLike, *, data=None) -> tuple[Graph, list[dict]]:
     """Run passes in order; ``steps`` is a list of ``(name, config)`` or a TOML file path.
 
     Every step's pass and config are checked before anything runs. A step that fails
     raises ``PipelineError`` naming it and the steps before it; ``graph`` is unchanged.
+    ``data`` reaches every step whose pass takes calibration data.
 
     TOML form: an array of ``[[passes]]`` tables, each with ``name`` and its config fields::
 
@@ -59,7 +66,7 @@ def run_pipeline(graph: Graph, steps: Sequence | str | os.PathLike) -> tuple[Gra
     infos: list[dict] = []
     for index, (info, cfg) in enumerate(resolved):
         try:
-            work, step_info = _apply(work, info, cfg)
+            work, step_info = _apply(work, info, cfg, data)
         except Exception as error:
             previous = [i.name for i, _ in resolved[:index]]
             raise PipelineError(
@@ -124,9 +131,9 @@ def resolve_steps(steps: list[tuple[str, Any]]) -> list[tuple[PassInfo, Any]]:
     return resolved
 
 
-def _apply(work: Graph, info: PassInfo, cfg) -> tuple[Graph, dict]:
+def _apply(work: Graph, info: PassInfo, cfg, data=None) -> tuple[Graph, dict]:
     try:
-        result = info.fn(work, cfg)
+        result = info.fn(work, cfg, data=data) if info.takes_data else info.fn(work, cfg)
     except (ValueError, PassError):
         raise
     except Exception as error:
@@ -134,8 +141,17 @@ def _apply(work: Graph, info: PassInfo, cfg) -> tuple[Graph, dict]:
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], Graph) and isinstance(result[1], dict)):
         raise PassError(f"pass {info.name!r} must return (graph, info_dict), returned {type(result).__name__}")
     new_graph, step_info = result
-    new_graph.history.append({"pass": info.name, "config": config_to_dict(cfg)})
+    record = {"pass": info.name, "config": config_to_dict(cfg)}
+    if info.takes_data and data is not None:
+        record["data"] = _data_name(data)
+    new_graph.history.append(record)
     return new_graph, step_info
+
+
+def _data_name(data) -> str:
+    inner = getattr(data, "data", data)  # CalibrationData wraps the examples
+    name = getattr(inner, "name", "") or type(inner).__name__
+    return f"{name} ({len(inner)} examples)" if hasattr(inner, "__len__") and not hasattr(inner, "batch_size") else name
 
 
 def _check_graph(graph) -> None:

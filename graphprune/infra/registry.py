@@ -23,6 +23,7 @@ class PassInfo:
     config_cls: type | None
     kind: PassKind
     description: str
+    takes_data: bool = False  # the function has a ``data`` parameter: run_pass(..., data=...) reaches it
 
 
 _REGISTRY: dict[str, PassInfo] = {}
@@ -31,6 +32,9 @@ _plugins_loaded = False
 
 def register_pass(name: str, *, config: type | None = None, kind: PassKind = "transform"):
     """Register ``fn(graph, config) -> (graph, info)`` as the pass ``name``.
+
+    A pass that needs calibration data declares a ``data`` parameter,
+    ``fn(graph, config, data=None)``; ``run_pass(..., data=...)`` passes it on.
 
     Args:
         name: unique pass name, used in ``run_pass`` and TOML pipelines.
@@ -61,7 +65,8 @@ def register_pass(name: str, *, config: type | None = None, kind: PassKind = "tr
         if name in _REGISTRY:
             raise ValueError(f"a pass named {name!r} is already registered ({_REGISTRY[name].fn.__module__})")
         doc = inspect.getdoc(fn) or ""
-        _REGISTRY[name] = PassInfo(name, fn, config, kind, doc.splitlines()[0] if doc else "")
+        takes_data = "data" in inspect.signature(fn).parameters
+        _REGISTRY[name] = PassInfo(name, fn, config, kind, doc.splitlines()[0] if doc else "", takes_data)
         return fn
 
     return decorator

@@ -1,11 +1,14 @@
-"""Masks during training, and the explicit step that commits them.
+"""Masks on modules during training, and the explicit step that commits them.
 
-Passes that mask weights use either ``torch.nn.utils.prune`` (a forward pre-hook
-recomputes ``weight = weight_orig * weight_mask``) or ``torch.nn.utils.parametrize``.
-Both live on the graph's own modules, so they work in ``graph.module``'s forward and
-backward and during :func:`graphprune.finetune` unchanged. Until committed they are
-reversible; a checkpoint stores only committed weights, so ``commit_masks`` folds
-them in, as torch.ao's ``squash_mask`` does.
+graphprune's pruning passes mask weights with :class:`WeightMask`, a
+``torch.nn.utils.parametrize`` parametrization (``weight = original * mask``), or
+:class:`MovementMask`, which also learns movement scores. Masks live on the graph's
+own modules, so they work in ``graph.module``'s forward and backward and during
+:func:`graphprune.finetune` unchanged: after an optimizer step a masked weight is
+still exactly zero. They stay reversible until ``commit_masks`` folds them in (as
+torch.ao's ``squash_mask`` does), and checkpoints save and reload them in place.
+Masks made with ``torch.nn.utils.prune`` hooks work in training and commit too, but
+must be committed before saving.
 """
 
 from __future__ import annotations
@@ -13,6 +16,90 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
+
+from .modules import register_module_type
+
+
+class WeightMask(nn.Module):
+    """A reversible mask on a weight: the module sees ``original * mask``.
+
+    ``mask`` is a bool buffer, True where the weight is kept. Gradients reach the
+    kept weights only, so masked weights stay exactly zero through training.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.to(torch.bool))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # where, not multiply: a masked negative weight is +0.0, not -0.0, so committed
+        # zeros have one bit pattern and sparse checkpoints can skip them all
+        return torch.where(self.mask, weight, 0.0)
+
+
+class MovementMask(WeightMask):
+    """A :class:`WeightMask` that also learns movement scores (Sanh et al. 2020).
+
+    The forward value is ``original * mask``; the straight-through gradient of the
+    scores is ``dL/dW' * W``, so during fine-tuning a score grows for weights moving
+    away from zero and shrinks for weights moving towards it. A pruning pass then
+    masks the lowest-scoring weights.
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__(mask)
+        self.scores = nn.Parameter(torch.zeros(mask.shape, dtype=torch.float32, device=mask.device))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        # the second term is zero in value and carries the scores' gradient, dL/dW' * W
+        return torch.where(self.mask, weight, 0.0) + weight.detach() * (self.scores - self.scores.detach())
+
+
+register_module_type(
+    "graphprune.WeightMask",
+    WeightMask,
+    lambda m: {"shape": list(m.mask.shape)},
+    lambda c: WeightMask(torch.ones(c["shape"], dtype=torch.bool)),
+)
+register_module_type(
+    "graphprune.MovementMask",
+    MovementMask,
+    lambda m: {"shape": list(m.mask.shape)},
+    lambda c: MovementMask(torch.ones(c["shape"], dtype=torch.bool)),
+)
+
+
+def mask_of(module: nn.Module, tensor_name: str = "weight") -> WeightMask | None:
+    """The :class:`WeightMask` on ``module.<tensor_name>``, if there is one."""
+    if not parametrize.is_parametrized(module, tensor_name):
+        return None
+    return next((p for p in module.parametrizations[tensor_name] if isinstance(p, WeightMask)), None)
+
+
+def unmasked_weight(module: nn.Module, tensor_name: str = "weight") -> torch.Tensor:
+    """The weight under any mask: the Parameter an optimizer updates."""
+    if parametrize.is_parametrized(module, tensor_name):
+        return module.parametrizations[tensor_name].original
+    return getattr(module, tensor_name)
+
+
+def set_mask(module: nn.Module, keep: torch.Tensor, *, movement: bool = False, tensor_name: str = "weight") -> WeightMask:
+    """Mask ``module.<tensor_name>`` to ``keep`` (True = kept), installing a mask if needed.
+
+    An existing mask is updated in place, so an optimizer holding the module's
+    parameters (and a MovementMask's scores) keeps working.
+    """
+    if pruning_hooks(module):
+        raise ValueError(
+            f"{type(module).__name__} has torch.nn.utils.prune masks; run the 'commit_masks' pass before masking it again"
+        )
+    existing = mask_of(module, tensor_name)
+    if existing is not None:
+        existing.mask.copy_(keep)
+        return existing
+    mask = (MovementMask if movement else WeightMask)(keep.to(unmasked_weight(module, tensor_name).device))
+    parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)  # shapes match by construction
+    return mask
 
 
 def pruning_hooks(module: nn.Module) -> list[prune.BasePruningMethod]:
@@ -51,12 +138,30 @@ def commit_masks(graph) -> list[str]:
         for tensor_name in pruned:
             prune.remove(module, tensor_name)
         if parametrize.is_parametrized(module):
-            for tensor_name in list(module.parametrizations.keys()):
-                parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
+            _fold_parametrizations(module)
             pruned.append("parametrizations")
         if pruned:
             committed.append(name)
     return committed
+
+
+@torch.no_grad()
+def _fold_parametrizations(module: nn.Module) -> None:
+    """Replace every parametrized tensor by its current value, keeping the same Parameter objects.
+
+    Done by hand rather than with ``parametrize.remove_parametrizations``, which
+    deletes the tensor's property from the module's class: a deep copy of a
+    parametrized module shares that class, so the copy's commit would break the
+    original (``graph.copy()`` then ``commit_masks`` on the copy).
+    """
+    values = {name: getattr(module, name).detach().clone() for name in module.parametrizations}
+    originals = {name: module.parametrizations[name].original for name in values}
+    module.__class__ = parametrize.type_before_parametrizations(module)
+    del module._modules["parametrizations"]
+    for name, value in values.items():
+        parameter = originals[name]
+        parameter.copy_(value)
+        module.register_parameter(name, parameter)
 
 
 def count_parameters(graph) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 import torch.nn.functional as F
 
 
@@ -77,7 +78,8 @@ def register_module_type(
 
 
 def module_type_of(module: nn.Module) -> ModuleType | None:
-    return _BY_CLASS.get(type(module))
+    """The registered type of ``module`` (a parametrized module counts as its original class)."""
+    return _BY_CLASS.get(parametrize.type_before_parametrizations(module))
 
 
 def module_type_named(name: str) -> ModuleType | None:

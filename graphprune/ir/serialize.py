@@ -15,14 +15,16 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
-from .calls import ModelCall, ModelCallCodeGen, install_model_call
+from .calls import ModelCall, ModelCallCodeGen
 from .errors import CheckpointError
 from .fx_utils import fetch_attr
-from .masks import has_uncommitted_masks
+from .masks import pruning_hooks
 from .metadata import our_keys
+from .packing import pack_tensors, unpack_tensors
 from .modules import module_type_named, module_type_of
 from .shapes import dim_names, shape_list
 
@@ -142,19 +144,7 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
             entry["input"] = {"dims": shape_list(val, names), "dtype": str(val.dtype).removeprefix("torch.")}
         nodes.append(entry)
         if node.op == "call_module" and node.target not in {m["path"] for m in modules}:
-            module = gm.get_submodule(node.target)
-            if has_uncommitted_masks(module):
-                raise CheckpointError(
-                    f"cannot save module {node.target!r}: it has uncommitted masks or parametrizations; "
-                    "run the 'commit_masks' pass first"
-                )
-            kind = module_type_of(module)
-            if kind is None:
-                raise CheckpointError(
-                    f"cannot save module {node.target!r} of type {type(module).__qualname__}: "
-                    "register it with graphprune.register_module_type"
-                )
-            modules.append({"path": node.target, "type": kind.name, "config": kind.to_config(module)})
+            modules.append(_describe_module(node.target, gm.get_submodule(node.target)))
         elif node.op == "get_attr" and node.target not in {a["name"] for a in attrs}:
             value = fetch_attr(gm, node.target)
             if not isinstance(value, torch.Tensor):
@@ -162,6 +152,7 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
             attrs.append({"name": node.target, "parameter": isinstance(value, nn.Parameter), "requires_grad": value.requires_grad})
 
     tensors, aliases = _collect_tensors(gm, modules, attrs)
+    tensors, packed = pack_tensors(tensors)
     codegen = gm.graph._codegen
     pytree_info, call = None, None
     if isinstance(codegen, ModelCallCodeGen):
@@ -181,10 +172,61 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
         "modules": modules,
         "attrs": attrs,
         "aliases": aliases,
+        "packed": packed,
         "pytree": pytree_info,
         "call": call,
     }
     return data, tensors
+
+
+def _describe_module(path: str, module: nn.Module) -> dict:
+    """A module as its registered type and config, plus its parametrizations (masks), if any."""
+    if pruning_hooks(module):
+        raise CheckpointError(
+            f"cannot save module {path!r}: it has torch.nn.utils.prune masks; run the 'commit_masks' pass first "
+            "(graphprune's own masks are saved as they are)"
+        )
+    kind = module_type_of(module)
+    if kind is None:
+        raise CheckpointError(
+            f"cannot save module {path!r} of type {parametrize.type_before_parametrizations(module).__qualname__}: "
+            "register it with graphprune.register_module_type"
+        )
+    entry: dict[str, Any] = {"path": path, "type": kind.name, "config": kind.to_config(module)}
+    if parametrize.is_parametrized(module):
+        entry["parametrizations"] = {}
+        for tensor_name, chain in module.parametrizations.items():
+            described = []
+            for parametrization in chain:
+                p_kind = module_type_of(parametrization)
+                if p_kind is None:
+                    raise CheckpointError(
+                        f"cannot save module {path!r}: its {tensor_name} parametrization "
+                        f"{type(parametrization).__qualname__} is not registered; register it with "
+                        "graphprune.register_module_type or run the 'commit_masks' pass first"
+                    )
+                described.append({"type": p_kind.name, "config": p_kind.to_config(parametrization)})
+            entry["parametrizations"][tensor_name] = described
+    return entry
+
+
+def _rebuild_module(entry: dict) -> nn.Module:
+    """An empty (meta-device) module as :func:`_describe_module` described it."""
+    kind = module_type_named(entry["type"])
+    if kind is None:
+        raise CheckpointError(f"module {entry['path']!r} has type {entry['type']!r}, which this graphprune does not know")
+    with torch.device("meta"):
+        module = kind.from_config(entry["config"])
+        for tensor_name, chain in entry.get("parametrizations", {}).items():
+            for described in chain:
+                p_kind = module_type_named(described["type"])
+                if p_kind is None:
+                    raise CheckpointError(
+                        f"module {entry['path']!r} has a {tensor_name} parametrization of type {described['type']!r}, "
+                        "which this graphprune does not know"
+                    )
+                parametrize.register_parametrization(module, tensor_name, p_kind.from_config(described["config"]), unsafe=True)
+    return module
 
 
 def _collect_tensors(gm, modules, attrs) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -216,13 +258,10 @@ def _collect_tensors(gm, modules, attrs) -> tuple[dict[str, torch.Tensor], dict[
 
 def graph_from_json(data: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
     """Rebuild the ``GraphModule`` that :func:`graph_to_json` described."""
+    tensors = unpack_tensors(tensors, data.get("packed", {}))
     root: dict[str, Any] = {}
     for m in data["modules"]:
-        kind = module_type_named(m["type"])
-        if kind is None:
-            raise CheckpointError(f"module {m['path']!r} has type {m['type']!r}, which this graphprune does not know")
-        with torch.device("meta"):
-            module = kind.from_config(m["config"])
+        module = _rebuild_module(m)
         expected = module.state_dict(keep_vars=True).keys()
         state = {name: tensors[_resolve(f"{m['path']}.{name}", data["aliases"])] for name in expected}
         module.load_state_dict(state, strict=True, assign=True)

@@ -89,3 +89,13 @@ def _source(name: str):
     from torch._dynamo.source import ConstantSource
 
     return ConstantSource(name)
+
+
+def refresh_shapes(gm: fx.GraphModule) -> None:
+    """Recompute ``meta["val"]`` after a pass added or changed nodes, from the inputs' current shapes."""
+    names = dim_names(gm)
+    inputs = []
+    for node in input_placeholders(gm):
+        val = node.meta["val"]
+        inputs.append({"dims": [str(d) if not isinstance(d, int) else d for d in shape_list(val, names)], "dtype": str(val.dtype).removeprefix("torch.")})
+    propagate_shapes(gm, inputs)

@@ -86,4 +86,21 @@ def summarize(graph, *, seq_len: int | None = None, batch_size: int | None = Non
     summary.rows.append({"layer": "head", "params": meta["head"]["params"], "flops": flops(meta["head"])})
     summary.totals = {"params": meta["totals"]["params"], "flops": flops(meta["totals"])}
     summary.rows.append({"layer": "total", **summary.totals})
+    _add_sparsity(summary, graph.meta.get("sparsity"))
     return summary
+
+
+def _add_sparsity(summary: Summary, sparsity: dict | None) -> None:
+    """Weight and activation sparsity columns, when ``add_sparsity_metadata`` (or a pruning pass) recorded them."""
+    if not sparsity or "layers" not in sparsity:
+        return
+    summary.columns += ["weight_sparsity", "act_sparsity"]
+    by_layer = {str(row["index"]): row for row in sparsity["layers"]}
+    if sparsity.get("head"):
+        by_layer["head"] = sparsity["head"]
+    for row in summary.rows:
+        found = by_layer.get(row["layer"])
+        if found is not None:
+            row["weight_sparsity"] = round(found["weight_sparsity"], 4)
+            row["act_sparsity"] = round(found["activation_sparsity"], 4)
+    summary.rows[-1]["weight_sparsity"] = round(sparsity["totals"]["weight_sparsity"], 4)

@@ -25,6 +25,14 @@ from .evaluate import evaluate, task_of
 
 
 class Callback(Protocol):
+    """Hooks into :func:`finetune`; ``on_train_begin`` is optional.
+
+    ``on_train_begin`` runs before the optimizer is built, so parameters a callback
+    adds there (movement scores) are trained; ``on_step_end`` runs after every step.
+    """
+
+    def on_train_begin(self, graph: Graph, total_steps: int) -> None: ...
+
     def on_step_end(self, graph: Graph, step: int, total_steps: int) -> None: ...
 
 
@@ -144,10 +152,14 @@ def finetune(
     for g in (graph, teacher):
         if g is not None and next(g.module.parameters()).device != accelerator.device:
             g.to(accelerator.device)  # also moves the devices export baked into the graph
+    for callback in callbacks:
+        if hasattr(callback, "on_train_begin"):
+            callback.on_train_begin(graph, total)
     module = graph.module
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm weights
+    params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+    # no decay for biases, LayerNorm weights and learned pruning scores
+    decay = [p for name, p in params if p.dim() >= 2 and not name.endswith(".scores")]
+    no_decay = [p for name, p in params if p.dim() < 2 or name.endswith(".scores")]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate
     )

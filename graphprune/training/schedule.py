@@ -35,9 +35,14 @@ class GradualPruning:
             every ``every`` steps after it, and at end_step).
         config_key: the pass's sparsity field name.
         config: other fields passed to the pass each time.
+        data: calibration data for the pass (Wanda, SparseGPT...), if it takes any.
+
+    The pass also runs once before training, at ``initial`` (the schedule's sparsity
+    before ``start_step``), which installs learned scores for ``movement`` pruning.
 
     Example:
-        >>> schedule = GradualPruning("demo_magnitude_prune", 0.0, 0.7, start_step=0, end_step=500, every=50)
+        >>> schedule = GradualPruning("prune_weight", 0.0, 0.9, start_step=0, end_step=500, every=50,
+        ...                           config={"method": "movement"})
         >>> graphprune.finetune(graph, train, tokenizer, max_steps=600, callbacks=[schedule])
     """
 
@@ -49,6 +54,7 @@ class GradualPruning:
     every: int = 100
     config_key: str = "sparsity"
     config: dict = field(default_factory=dict)
+    data: object = None  # calibration data for passes that take it
     applied: list = field(default_factory=list)  # (step, sparsity) pairs, for logs and tests
 
     def __post_init__(self):
@@ -58,6 +64,16 @@ class GradualPruning:
             raise ValueError(f"GradualPruning: need 0 <= start_step < end_step, got {self.start_step!r}, {self.end_step!r}")
         if self.every < 1:
             raise ValueError(f"GradualPruning: every = {self.every!r} must be at least 1")
+
+    def on_train_begin(self, graph, total_steps: int) -> None:
+        # The schedule's sparsity before start_step is `initial`: apply it before the
+        # optimizer is built, which is also when learned scores (movement) get installed.
+        self._prune(graph, 0, self.initial)
+
+    def _prune(self, graph, step: int, sparsity: float) -> None:
+        run_pass(graph, self.pass_name, {**self.config, self.config_key: sparsity}, inplace=True, data=self.data)
+        if sparsity > 0:
+            self.applied.append((step, sparsity))
 
     def due(self, step: int) -> bool:
         if step < self.start_step or step > self.end_step:
@@ -70,5 +86,4 @@ class GradualPruning:
         sparsity = cubic_sparsity(step, initial=self.initial, final=self.final, start=self.start_step, end=self.end_step)
         if sparsity <= 0:
             return
-        run_pass(graph, self.pass_name, {**self.config, self.config_key: sparsity}, inplace=True)
-        self.applied.append((step, sparsity))
+        self._prune(graph, step, sparsity)

@@ -33,6 +33,16 @@ def test_info_prints_the_summary_and_history(tiny_checkpoint, capsys):
     assert "FLOPs at batch 1, seq 32" in out and "total" in out and "BertForSequenceClassification" in out
 
 
+def test_info_shows_sparsity_per_layer(tmp_path, capsys):
+    graph = graphprune.trace(make_model())
+    pruned, _ = graphprune.run_pipeline(graph, [("prune_weight", {"sparsity": 0.5}), ("prune_activation", {"sparsity": 0.25})])
+    pruned.save(tmp_path / "pruned")
+    assert main(["info", str(tmp_path / "pruned")]) == 0
+    out = capsys.readouterr().out
+    assert "weight_sparsity" in out and "act_sparsity" in out
+    assert "12 Linear inputs pruned at run time; masks not committed" in out and "8,192 of 17,472 Linear weights are zero (46.89%)" in out
+
+
 @needs_rt
 def test_eval_a_checkpoint(tiny_checkpoint, capsys):
     assert main(["eval", str(tiny_checkpoint), "--data", "rotten_tomatoes", "--limit", "24"]) == 0
@@ -60,8 +70,10 @@ name = "rotten_tomatoes"
 eval_limit = 16
 
 [[passes]]
-name = "demo_magnitude_prune"
+name = "prune_weight"
+method = "wanda"
 sparsity = 0.5
+num_samples = 16
 
 [finetune]
 max_steps = 2
@@ -78,7 +90,8 @@ checkpoint = "{tmp_path / 'out'}"
     for stage in ("input model", "after passes", "after fine-tune"):
         assert stage in out
     saved = graphprune.load(tmp_path / "out")
-    assert [h["pass"] for h in saved.history] == ["demo_magnitude_prune", "finetune", "commit_masks"]
+    assert [h["pass"] for h in saved.history] == ["prune_weight", "finetune", "commit_masks"]
+    assert saved.history[0]["data"].startswith("rotten_tomatoes/train")  # wanda calibrated on the train split
     assert saved.history[1]["config"]["teacher"] is True and saved.history[1]["config"]["steps"] == 2
     total, nonzero = graphprune.count_parameters(saved)
     assert nonzero < total * 0.75
@@ -112,7 +125,10 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
         ("[model]\nname = 'minilm'\nnum_labels = 1", "num_labels = 1"),
         ("[data]\nname = 'imdb'", "[data] name = 'imdb'"),
         ("[data]\nname = 'rotten_tomatoes'\neval_limit = 0", "eval_limit = 0"),
-        ("[[passes]]\nname = 'demo_magnitude_prune'\nsparsity = 2.0", "step 1: pass 'demo_magnitude_prune': field 'sparsity' = 2.0"),
+        ("[[passes]]\nname = 'prune_weight'\nsparsity = 2.0", "step 1: pass 'prune_weight': field 'sparsity' = 2.0"),
+        ("[iterative]\ntarget_sparsity = 1.5", "[iterative] target_sparsity = 1.5"),
+        ("[iterative]\ntarget_sparsity = 0.5", "[iterative] needs a [finetune] section"),
+        ("[iterative]\ntarget_sparsity = 0.5\nconfig = { method = 'obs' }\n[finetune]\nmax_steps = 1", "[iterative] pass 'prune_weight': field 'method' = 'obs'"),
         ("[[passes]]\nname = 'nope'", "unknown pass 'nope'"),
         ("[finetune]\nepochz = 1", "[finetune] has unknown field 'epochz'"),
         ("[finetune]\nlearning_rate = -1.0", "learning_rate = -1.0"),
@@ -125,3 +141,32 @@ def test_bad_pipeline_files_give_one_line_and_exit_2(tmp_path, text, message, ca
     assert main(["run", str(job)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
+
+
+@needs_rt
+def test_run_file_with_iterative_pruning(tiny_checkpoint, tmp_path, capsys):
+    job = tmp_path / "iterative.toml"
+    job.write_text(
+        f"""
+[model]
+checkpoint = "{tiny_checkpoint}"
+
+[data]
+name = "rotten_tomatoes"
+eval_limit = 16
+
+[iterative]
+target_sparsity = 0.6
+steps = 2
+config = {{ method = "l1" }}
+
+[finetune]
+max_steps = 2
+batch_size = 4
+distill = true
+progress = false
+"""
+    )
+    assert main(["run", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert "iterative pruning" in out and "accuracy_finetuned" in out and "after iterative pruning (2 steps)" in out
