@@ -83,6 +83,19 @@ def unmasked_weight(module: nn.Module, tensor_name: str = "weight") -> torch.Ten
     return getattr(module, tensor_name)
 
 
+def zero_weights(module: nn.Module, tensor_name: str = "weight") -> int:
+    """How many of the module's effective weights are zero.
+
+    A masked module counts its masked weights (cheap: the bool mask); exact zeros
+    among its kept weights show up once the mask is committed.
+    """
+    mask = mask_of(module, tensor_name)
+    if mask is not None:
+        return mask.mask.numel() - int(torch.count_nonzero(mask.mask))
+    weight = getattr(module, tensor_name)
+    return weight.numel() - int(torch.count_nonzero(weight.detach()))
+
+
 def set_mask(module: nn.Module, keep: torch.Tensor, *, movement: bool = False, tensor_name: str = "weight") -> WeightMask:
     """Mask ``module.<tensor_name>`` to ``keep`` (True = kept), installing a mask if needed.
 

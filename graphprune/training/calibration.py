@@ -191,3 +191,85 @@ def collect_linear_inputs(
         for handle in handles:
             handle.remove()
         graph.module.train(was_training)
+
+
+class StagedForward:
+    """Calibration batches run through a graph node by node, paused wherever a pass needs them.
+
+    Passes that change a graph layer by layer (SparseGPT's sequential mode, the
+    structured search) need each layer's inputs as the graph, pruned so far,
+    computes them. Re-running every batch from the embeddings for every layer costs
+    a forward pass per layer; this keeps each batch's live values and resumes from
+    where it stopped, so all layers together cost one forward pass. Values no later
+    node needs are freed as the run advances.
+
+    Pausing before a node and then changing the module it calls is safe: nothing
+    from that node on has been computed yet.
+
+    Example:
+        >>> run = StagedForward(graph, batches)
+        >>> for node in linear_nodes_in_order:
+        ...     run.advance_to(node)
+        ...     rows = run.input_rows(node)   # one tensor per batch, real tokens only
+        ...     ...                           # prune graph.module.get_submodule(node.target)
+    """
+
+    def __init__(self, graph: Graph, batches: list[dict]):
+        from ..ir.calls import model_call_of
+
+        self.module = graph.module
+        self.nodes = list(self.module.graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.last_use = {}
+        for i, node in enumerate(self.nodes):
+            for source in node.all_input_nodes:
+                self.last_use[source] = i
+        call = model_call_of(self.module)
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        self.envs: list[dict] = []
+        self.masks: list[torch.Tensor | None] = []
+        for batch in batches:
+            inputs = model_inputs(batch, graph)
+            if call is not None:
+                *values, _ = call.bind(inputs, {})
+            else:
+                values = [inputs[n.target] for n in placeholders]
+            self.envs.append(dict(zip(placeholders, values)))
+            mask = batch.get("attention_mask")
+            self.masks.append(mask.bool() if isinstance(mask, torch.Tensor) else None)
+        self.position = 0
+        self._interpreter = torch.fx.Interpreter(self.module)
+
+    @torch.no_grad()
+    def advance_to(self, node: torch.fx.Node) -> None:
+        """Compute, for every batch, every node before ``node`` (with the modules as they are now)."""
+        stop = self.index[node]
+        if stop < self.position:
+            raise ValueError(f"StagedForward is already past {node.name}; it only moves forward")
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            for env in self.envs:
+                self._interpreter.env = env
+                for i in range(self.position, stop):
+                    current = self.nodes[i]
+                    if current.op != "placeholder":  # inputs are bound up front
+                        env[current] = self._interpreter.run_node(current)
+                    for source in current.all_input_nodes:
+                        if self.last_use.get(source, -1) <= i and source in env:
+                            del env[source]
+        finally:
+            self.module.train(was_training)
+        self.position = stop
+
+    def input_rows(self, node: torch.fx.Node, argument: int = 0) -> list[torch.Tensor]:
+        """Per batch, ``node``'s input as rows: one per real token (padding dropped) or per example."""
+        source = node.args[argument]
+        rows = []
+        for env, mask in zip(self.envs, self.masks):
+            x = env[source]
+            if mask is not None and x.dim() == 3 and x.shape[:2] == mask.shape:
+                rows.append(x[mask])
+            else:
+                rows.append(x.reshape(-1, x.shape[-1]))
+        return rows

@@ -51,6 +51,7 @@ class FinetuneConfig:
     seed: int = 0
     kd_temperature: float = 2.0
     kd_weight: float = 0.5
+    score_learning_rate: float = 1e-2  # learned pruning scores (movement), as Sanh et al. 2020
     eval_batch_size: int = 64
     progress: bool = True
 
@@ -66,6 +67,7 @@ class FinetuneConfig:
             ("warmup_ratio", 0 <= self.warmup_ratio < 1, "a number in [0, 1)"),
             ("kd_temperature", self.kd_temperature > 0, "a number > 0"),
             ("kd_weight", 0 <= self.kd_weight <= 1, "a number in [0, 1]"),
+            ("score_learning_rate", self.score_learning_rate > 0, "a number > 0"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -157,12 +159,15 @@ def finetune(
             callback.on_train_begin(graph, total)
     module = graph.module
     params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-    # no decay for biases, LayerNorm weights and learned pruning scores
-    decay = [p for name, p in params if p.dim() >= 2 and not name.endswith(".scores")]
-    no_decay = [p for name, p in params if p.dim() < 2 or name.endswith(".scores")]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate
-    )
+    scores = [p for name, p in params if name.endswith(".scores")]
+    weights = [(name, p) for name, p in params if not name.endswith(".scores")]
+    groups = [
+        {"params": [p for _, p in weights if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for _, p in weights if p.dim() < 2], "weight_decay": 0.0},  # biases and LayerNorm weights
+    ]
+    if scores:  # learned pruning scores: their own learning rate, no decay
+        groups.append({"params": scores, "weight_decay": 0.0, "lr": config.score_learning_rate})
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
     warmup = int(config.warmup_ratio * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))

@@ -1,6 +1,6 @@
 """``add_sparsity_metadata``: per-layer weight sparsity and activation pruning, in the metadata.
 
-Reads the effective weights (masks applied) of every Linear layer and the
+Counts the zero weights of every Linear layer (masked ones, for a masked layer) and the
 activation-pruning settings ``prune_activation`` recorded, and writes:
 
 - on each Linear node, ``node.meta["graphprune.sparsity"]``: ``weight_sparsity``
@@ -15,11 +15,10 @@ activation-pruning settings ``prune_activation`` recorded, and writes:
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 import graphprune
-from graphprune.ir.masks import mask_of
+from graphprune.ir.masks import mask_of, unmasked_weight, zero_weights
 from graphprune.ir.metadata import common, node_meta
 
 from .init_metadata import init_node_metadata
@@ -38,10 +37,10 @@ def record_sparsity(graph) -> dict:
         module = gm.get_submodule(node.target)
         if not isinstance(module, nn.Linear):
             continue
-        weight = module.weight.detach()
-        zeros = weight.numel() - int(torch.count_nonzero(weight))
+        numel = unmasked_weight(module).numel()
+        zeros = zero_weights(module)
         meta = node_meta(node, "sparsity")
-        meta["weight_sparsity"] = zeros / weight.numel()
+        meta["weight_sparsity"] = zeros / numel
         meta["masked"] = mask_of(module) is not None
         activation = meta.get("activation", {}).get("sparsity", 0.0)
         layer = common(node).get("layer")
@@ -49,7 +48,7 @@ def record_sparsity(graph) -> dict:
         group["activation"].append(activation)
         if node.target not in seen:  # a shared module's weights count once
             seen.add(node.target)
-            group["weights"] += weight.numel()
+            group["weights"] += numel
             group["zeros"] += zeros
             group["masked"] |= meta["masked"]
 

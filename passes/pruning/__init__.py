@@ -1,3 +1,3 @@
 """Pruning passes: masks on weights and activations, and the step that commits them."""
 
-from . import commit_masks, demo_magnitude_prune, prune, prune_activation, prune_weight  # noqa: F401  (registration)
+from . import commit_masks, prune, prune_activation, prune_weight  # noqa: F401  (registration)

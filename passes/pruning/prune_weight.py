@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 
 import graphprune
 from graphprune.infra.config import ConfigError, check_choice, check_range
-from graphprune.ir.masks import MovementMask, mask_of, set_mask, unmasked_weight
+from graphprune.ir.masks import MovementMask, mask_of, set_mask, unmasked_weight, zero_weights
 from graphprune.ir.metadata import node_meta
-from graphprune.training.calibration import calibration_batches, collect_linear_inputs
+from graphprune.training.calibration import StagedForward, calibration_batches, collect_linear_inputs
 
 from . import scores as scoring
 from . import selection
@@ -105,6 +106,9 @@ class PruneWeightConfig:
     block_size: SparseGPT's column block (default 128).
     sequential: wanda and sparsegpt take each layer's inputs from the already-pruned
         graph, layer group by layer group (default true), as SparseGPT does.
+    correct: sparsegpt aims at the dense graph's layer outputs rather than at each
+        layer's own output on the pruned inputs, correcting the error earlier layers
+        left (needs sequential).
     seed: for random scores and the calibration subset.
     """
 
@@ -121,6 +125,7 @@ class PruneWeightConfig:
     dampening: float = 0.01
     block_size: int = 128
     sequential: bool = True
+    correct: bool = True
     seed: int = 0
 
     def __post_init__(self):
@@ -163,18 +168,16 @@ def prune_weight(graph, config: PruneWeightConfig, data=None):
     for entry, members in groups.items():
         if entry.method == "sparsegpt":
             _prune_sparsegpt(graph, members, entry, config, batches)
-        elif entry.method == "wanda" and config.sequential:
-            for group in input_groups(members):
-                sums = scoring.input_square_sums(graph, group, batches)
-                _apply(group, entry, scoring.wanda_scores(group, sums))
+        elif entry.method == "wanda" and config.sequential and _single_call(graph, members):
+            _prune_wanda_sequential(graph, members, entry, batches)
         else:
             _apply(members, entry, _scores(graph, members, entry, config, batches))
 
     total = zeros = 0
     for target in targets:
-        weight = target.module.weight
-        pruned = weight.numel() - int(torch.count_nonzero(weight))
-        total += weight.numel()
+        numel = unmasked_weight(target.module).numel()
+        pruned = zero_weights(target.module)
+        total += numel
         zeros += pruned
         entry = target.entry
         node_meta(target.node, "sparsity")["weight"] = {
@@ -182,7 +185,7 @@ def prune_weight(graph, config: PruneWeightConfig, data=None):
             "granularity": entry.granularity,
             "scope": entry.resolved_scope,
             "target": entry.resolved_sparsity,
-            "achieved": pruned / weight.numel(),
+            "achieved": pruned / numel,
         }
     record_sparsity(graph)
     return graph, {
@@ -240,32 +243,71 @@ def _apply(targets, entry, scores: dict) -> None:
         set_mask(t.module, masks[t.path], movement=entry.method == "movement")
 
 
+def _single_call(graph, targets) -> bool:
+    """Every target module is called once (not ALBERT's shared layer): layers can be staged in order."""
+    calls = Counter(n.target for n in graph.module.graph.nodes if n.op == "call_module")
+    return all(calls[t.path] == 1 for t in targets)
+
+
+def _prune_wanda_sequential(graph, targets, entry, batches) -> None:
+    run = StagedForward(graph, batches)
+    for group in input_groups(targets):
+        run.advance_to(group[0].node)
+        sums = sum(rows.double().pow(2).sum(dim=0) for rows in run.input_rows(group[0].node))
+        _apply(group, entry, scoring.wanda_scores(group, {t.path: sums for t in group}))
+
+
 @torch.no_grad()
 def _prune_sparsegpt(graph, targets, entry, config, batches) -> None:
-    # Layer groups in order; with `sequential`, each group's inputs come from the graph
-    # as pruned so far (SparseGPT's sequential mode).
     if entry.resolved_sparsity == 0 and all(mask_of(t.module) is None for t in targets):
         return  # nothing to prune: the weights stay exactly as they are
-    groups = input_groups(targets) if config.sequential else [targets]
-    for group in groups:
-        stats = {t.path: [torch.zeros(t.module.in_features, t.module.in_features, dtype=torch.float64, device=t.module.weight.device), 0] for t in group}
+    if config.sequential and _single_call(graph, targets):
+        # Layer groups in order, each with its inputs from the graph as pruned so far
+        # (SparseGPT's sequential mode), in one staged forward pass.
+        run = StagedForward(graph, batches)
+        dense = StagedForward(graph.copy(), batches) if config.correct else None
+        dense_nodes = {n.name: n for n in dense.module.graph.nodes} if dense else {}
+        for group in input_groups(targets):
+            node = group[0].node
+            run.advance_to(node)
+            rows = run.input_rows(node)
+            stats = _second_moments(rows)
+            if dense is not None:
+                dense.advance_to(dense_nodes[node.name])
+                stats["cross"] = sum(d.double().T @ x.double() for d, x in zip(dense.input_rows(dense_nodes[node.name]), rows))
+            for t in group:
+                _sparsegpt_one(t, entry, config, stats)
+        return
+    stats = {t.path: {"square": None, "tokens": 0} for t in targets}
 
-        def accumulate(name, rows):
-            rows = rows.double()
-            stats[name][0] += rows.T @ rows
-            stats[name][1] += rows.shape[0]
+    def accumulate(name, rows):
+        rows = rows.double()
+        gram = rows.T @ rows
+        stats[name]["square"] = gram if stats[name]["square"] is None else stats[name]["square"] + gram
+        stats[name]["tokens"] += rows.shape[0]
 
-        collect_linear_inputs(graph, batches, {t.path: t.module for t in group}, accumulate)
-        for t in group:
-            keep = mask_of(t.module).mask.clone() if mask_of(t.module) is not None else None
-            weight, new_keep = sparsegpt_prune(
-                unmasked_weight(t.module).detach(),
-                hessian(*stats[t.path]),
-                sparsity=entry.resolved_sparsity,
-                n_m=entry.n_m,
-                keep=keep,
-                block_size=config.block_size,
-                dampening=config.dampening,
-            )
-            unmasked_weight(t.module).copy_(weight)  # the OBS update of the kept weights
-            set_mask(t.module, new_keep)
+    collect_linear_inputs(graph, batches, {t.path: t.module for t in targets}, accumulate)
+    for t in targets:
+        _sparsegpt_one(t, entry, config, stats[t.path])
+
+
+def _second_moments(rows: list[torch.Tensor]) -> dict:
+    return {"square": sum(x.double().T @ x.double() for x in rows), "tokens": sum(x.shape[0] for x in rows)}
+
+
+def _sparsegpt_one(target, entry, config, stats: dict) -> None:
+    h = hessian(stats["square"], stats["tokens"])
+    weight = unmasked_weight(target.module).detach()
+    if stats.get("cross") is not None:
+        # Aim at the dense graph's layer output, not this layer's on the pruned inputs:
+        # the least-squares weights for the pruned inputs, W C (X_p X_p^T)^-1, are what
+        # SparseGPT then prunes, which corrects the error earlier layers left.
+        damped = stats["square"] + config.dampening * torch.mean(torch.diag(stats["square"])) * torch.eye(len(h), dtype=h.dtype)
+        weight = (weight.double() @ stats["cross"] @ torch.linalg.inv(damped)).to(weight.dtype)
+    keep = mask_of(target.module).mask.clone() if mask_of(target.module) is not None else None
+    new_weight, new_keep = sparsegpt_prune(
+        weight, h, sparsity=entry.resolved_sparsity, n_m=entry.n_m, keep=keep,
+        block_size=config.block_size, dampening=config.dampening,
+    )
+    unmasked_weight(target.module).copy_(new_weight)  # the OBS update of the kept weights
+    set_mask(target.module, new_keep)

@@ -10,6 +10,7 @@ keeps every earlier pruned weight pruned.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -73,11 +74,15 @@ def _masked_scores(scores: torch.Tensor, keep: torch.Tensor | None) -> torch.Ten
 
 def local_masks(scores: dict, sparsity: float, keeps: dict) -> dict:
     """Each tensor on its own: its lowest ``sparsity`` share pruned."""
-    out = {}
-    for name, s in scores.items():
-        s = _masked_scores(s, keeps.get(name))
-        out[name] = prune_lowest(s, _count(s.numel(), sparsity, keeps.get(name)))
-    return out
+
+    def one(name):
+        s = _masked_scores(scores[name], keeps.get(name))
+        return name, prune_lowest(s, _count(s.numel(), sparsity, keeps.get(name)))
+
+    # Selection is mostly single-threaded work; tensors go to the cores in parallel
+    # (torch releases the GIL inside its ops).
+    with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+        return dict(pool.map(one, list(scores)))
 
 
 def global_masks(scores: dict, sparsity: float, keeps: dict) -> dict:
