@@ -264,7 +264,10 @@ class StagedForward:
 
     def input_rows(self, node: torch.fx.Node, argument: int = 0) -> list[torch.Tensor]:
         """Per batch, ``node``'s input as rows: one per real token (padding dropped) or per example."""
-        source = node.args[argument]
+        return self.rows_of(node.args[argument])
+
+    def rows_of(self, source: torch.fx.Node) -> list[torch.Tensor]:
+        """Per batch, the value of ``source`` (computed, not yet freed) as rows, padding dropped."""
         rows = []
         for env, mask in zip(self.envs, self.masks):
             x = env[source]

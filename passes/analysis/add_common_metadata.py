@@ -145,6 +145,11 @@ def add_common_metadata(graph, config: CommonMetadataConfig):
                 info["heads"], info["head_size"] = heads, head_size
             if meta["role"] == "ffn_up" and isinstance(module, nn.Linear):
                 info["ffn_width"] = module.out_features
+            # a layer whose heads or neurons were all removed keeps only its output projection's bias
+            if meta["role"] == "attention_output" and isinstance(module, nn.Linear) and module.in_features == 0:
+                info["heads"] = 0
+            if meta["role"] == "ffn_down" and isinstance(module, nn.Linear) and info["ffn_width"] is None:
+                info["ffn_width"] = module.in_features
         elif node.op in ("call_module", "call_function", "get_attr"):
             section = sections["head" if seen_layer else "embeddings"]
             section["params"].update(id(p) for p in params)

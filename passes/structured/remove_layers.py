@@ -1,0 +1,108 @@
+"""``remove_layers``: drop whole encoder layers, listed or chosen by how little they change their input.
+
+A layer is the set of nodes the metadata puts in it; its input is what its attention
+block reads and its output is the one node whose value leaves the layer. Removing
+the layer feeds its input straight to its output's users and deletes the rest, so
+the graph is one layer shorter (and the remaining layers are renumbered from 0).
+
+The ``similarity`` criterion (Gromov et al. 2024, "The Unreasonable Ineffectiveness
+of the Deeper Layers") removes the layers whose output is closest to their input:
+the mean cosine similarity of each real token's hidden state before and after the
+layer, over calibration data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import graphprune
+from graphprune.infra.config import ConfigError, check_choice, check_range
+from graphprune.ir.metadata import common
+from graphprune.training.calibration import StagedForward, calibration_batches
+
+from .blocks import StructureError, editable, finish_surgery
+
+METHODS = ("similarity",)
+
+
+@dataclass(frozen=True)
+class RemoveLayersConfig:
+    """Fields:
+    layers: explicit encoder layer indices to remove; if set, the criterion is not used.
+    method: criterion when ``layers`` is not set: similarity (input-output cosine, highest removed first).
+    count: how many layers the criterion removes (default 1).
+    num_samples: calibration examples for the criterion (default 128).
+    """
+
+    layers: list[int] | None = None
+    method: str = "similarity"
+    count: int = 1
+    num_samples: int = 128
+
+    def __post_init__(self):
+        check_choice("method", self.method, METHODS)
+        check_range("count", self.count, 1)
+        check_range("num_samples", self.num_samples, 1)
+
+
+def layer_spans(graph) -> list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]:
+    """Per encoder layer, (input node, output node, the node that reads the input first: the query projection)."""
+    editable(graph, "remove_layers")
+    gm = graph.module
+    queries = [n for n in gm.graph.nodes if common(n).get("role") == "query"]
+    if not queries:
+        raise StructureError(f"pass 'remove_layers': {graph.source.get('model_class', 'this graph')} has no encoder layers it can find")
+    spans = []
+    for query in queries:
+        layer = common(query).get("layer")
+        inside = {n for n in gm.graph.nodes if common(n).get("layer") == layer}
+        leaving = [n for n in inside if any(u not in inside for u in n.users)]
+        if len(leaving) != 1:
+            raise StructureError(f"pass 'remove_layers': encoder layer {layer} has {len(leaving)} outputs, not one")
+        spans.append((query.args[0], leaving[0], query))
+    return spans
+
+
+def similarity_scores(graph, spans, batches) -> list[float]:
+    """Mean cosine similarity between each layer's input and output hidden states (real tokens)."""
+    run = StagedForward(graph, batches)
+    order = {n: i for i, n in enumerate(graph.module.graph.nodes)}
+    scores = []
+    for source, output, reader in spans:
+        run.advance_to(reader)
+        before = torch.cat(run.rows_of(source))
+        run.advance_to(min(output.users, key=order.get))
+        after = torch.cat(run.rows_of(output))
+        scores.append(float(F.cosine_similarity(before, after, dim=-1).mean()))
+    return scores
+
+
+@graphprune.register_pass("remove_layers", config=RemoveLayersConfig)
+def remove_layers(graph, config: RemoveLayersConfig, data=None):
+    """Remove whole encoder layers (explicit indices, or those that change their input least) and rewire the graph.
+
+    Example:
+        >>> graph, info = graphprune.run_pass(graph, "remove_layers", {"layers": [4, 5]})
+        >>> graph, info = graphprune.run_pass(graph, "remove_layers", {"count": 2}, data=train)
+    """
+    spans = layer_spans(graph)
+    if config.layers is not None:
+        chosen = sorted(set(config.layers))
+        if any(not 0 <= i < len(spans) for i in chosen):
+            raise ValueError(f"pass 'remove_layers': {ConfigError('layers', config.layers, f'layer indices in 0..{len(spans) - 1}')}")
+        scores = None
+    else:
+        batches = calibration_batches(graph, data, num_samples=config.num_samples, caller="pass 'remove_layers' (method 'similarity')")
+        scores = similarity_scores(graph, spans, batches)
+        chosen = sorted(sorted(range(len(spans)), key=lambda i: -scores[i])[: config.count])
+    if len(chosen) >= len(spans):
+        raise ValueError(f"pass 'remove_layers': {ConfigError('layers', chosen, f'at most {len(spans) - 1} of the {len(spans)} layers removed')}")
+    for index in reversed(chosen):  # from the top, so each layer's input node is still in place
+        source, output, _ = spans[index]
+        output.replace_all_uses_with(source)
+        graph.record_edit({"pass": "remove_layers", "layer": index})
+    finish_surgery(graph)
+    return graph, {"removed": chosen, "num_layers": len(spans) - len(chosen), **({"similarity": scores} if scores else {})}
