@@ -20,6 +20,7 @@ from graphprune.infra.config import ConfigError, check_choice, check_range
 from graphprune.ir.masks import MovementMask, mask_of, set_mask, unmasked_weight, zero_weights
 from graphprune.ir.metadata import node_meta
 from graphprune.training.calibration import StagedForward, calibration_batches, collect_linear_inputs
+from graphprune.training.reconstruction import cross_moments, least_squares_weight, second_moments
 
 from . import scores as scoring
 from . import selection
@@ -271,10 +272,11 @@ def _prune_sparsegpt(graph, targets, entry, config, batches) -> None:
             node = group[0].node
             run.advance_to(node)
             rows = run.input_rows(node)
-            stats = _second_moments(rows)
+            square, tokens = second_moments(rows)
+            stats = {"square": square, "tokens": tokens}
             if dense is not None:
                 dense.advance_to(dense_nodes[node.name])
-                stats["cross"] = sum(d.double().T @ x.double() for d, x in zip(dense.input_rows(dense_nodes[node.name]), rows))
+                stats["cross"] = cross_moments(dense.input_rows(dense_nodes[node.name]), rows)
             for t in group:
                 _sparsegpt_one(t, entry, config, stats)
         return
@@ -291,10 +293,6 @@ def _prune_sparsegpt(graph, targets, entry, config, batches) -> None:
         _sparsegpt_one(t, entry, config, stats[t.path])
 
 
-def _second_moments(rows: list[torch.Tensor]) -> dict:
-    return {"square": sum(x.double().T @ x.double() for x in rows), "tokens": sum(x.shape[0] for x in rows)}
-
-
 def _sparsegpt_one(target, entry, config, stats: dict) -> None:
     h = hessian(stats["square"], stats["tokens"])
     weight = unmasked_weight(target.module).detach()
@@ -302,8 +300,7 @@ def _sparsegpt_one(target, entry, config, stats: dict) -> None:
         # Aim at the dense graph's layer output, not this layer's on the pruned inputs:
         # the least-squares weights for the pruned inputs, W C (X_p X_p^T)^-1, are what
         # SparseGPT then prunes, which corrects the error earlier layers left.
-        damped = stats["square"] + config.dampening * torch.mean(torch.diag(stats["square"])) * torch.eye(len(h), dtype=h.dtype)
-        weight = (weight.double() @ stats["cross"] @ torch.linalg.inv(damped)).to(weight.dtype)
+        weight = least_squares_weight(weight, stats["square"], stats["cross"], config.dampening)
     keep = mask_of(target.module).mask.clone() if mask_of(target.module) is not None else None
     new_weight, new_keep = sparsegpt_prune(
         weight, h, sparsity=entry.resolved_sparsity, n_m=entry.n_m, keep=keep,

@@ -48,8 +48,23 @@ def l1_neuron_scores(graph, blocks: list[FfnBlock]) -> list[torch.Tensor]:
     ]
 
 
-def mask_gradients(graph, heads: list[AttentionBlock], ffns: list[FfnBlock], batches) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-example mask gradients: ``([layer](examples, heads)], [layer](examples, neurons)])``."""
+def task_loss(outputs, batch) -> list[torch.Tensor]:
+    """The graph's own loss as a sum over examples (it is a batch mean)."""
+    loss = outputs.get("loss")
+    if loss is None:
+        raise ValueError("mask gradients need calibration batches with labels (the task loss)")
+    return [loss * len(batch["input_ids"])]
+
+
+def mask_gradients(
+    graph, heads: list[AttentionBlock], ffns: list[FfnBlock], batches, losses=task_loss
+) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Per-example mask gradients, per loss term: ``([term][layer](examples, heads)], [term][layer](examples, neurons)])``.
+
+    ``losses(outputs, batch)`` returns scalar loss terms, each a sum over the batch's
+    examples (so that per-example masks give per-example gradients); by default the
+    graph's own task loss.
+    """
     gm = graph.module
     current: dict[str, torch.Tensor] = {}
 
@@ -72,27 +87,26 @@ def mask_gradients(graph, heads: list[AttentionBlock], ffns: list[FfnBlock], bat
 
     handles = [gm.get_submodule(b.core.target).register_forward_hook(head_hook(f"h{i}")) for i, b in enumerate(heads)]
     handles += [gm.get_submodule(b.down.target).register_forward_pre_hook(neuron_hook(f"f{i}")) for i, b in enumerate(ffns)]
-    head_grads = [[] for _ in heads]
-    ffn_grads = [[] for _ in ffns]
+    keys = [f"h{i}" for i in range(len(heads))] + [f"f{i}" for i in range(len(ffns))]
+    collected: list[list[list[torch.Tensor]]] = []  # [term][unit block][batch]
     was_training = gm.training
     gm.eval()
     try:
         for batch in batches:
             current.clear()
-            loss = gm(**batch).get("loss")
-            if loss is None:
-                raise ValueError("mask gradients need calibration batches with labels (the task loss)")
-            keys = [f"h{i}" for i in range(len(heads))] + [f"f{i}" for i in range(len(ffns))]
-            grads = torch.autograd.grad(loss * len(batch["input_ids"]), [current[k] for k in keys])  # the loss is a batch mean
-            for i in range(len(heads)):
-                head_grads[i].append(grads[i].detach().flatten(1).float().cpu())
-            for i in range(len(ffns)):
-                ffn_grads[i].append(grads[len(heads) + i].detach().flatten(1).float().cpu())
+            terms = losses(gm(**batch), batch)
+            while len(collected) < len(terms):
+                collected.append([[] for _ in keys])
+            for t, term in enumerate(terms):
+                grads = torch.autograd.grad(term, [current[k] for k in keys], retain_graph=t < len(terms) - 1)
+                for i, grad in enumerate(grads):
+                    collected[t][i].append(grad.detach().flatten(1).float().cpu())
     finally:
         for handle in handles:
             handle.remove()
         gm.train(was_training)
-    return [torch.cat(g) for g in head_grads], [torch.cat(g) for g in ffn_grads]
+    joined = [[torch.cat(per_batch) for per_batch in term] for term in collected]
+    return [term[: len(heads)] for term in joined], [term[len(heads) :] for term in joined]
 
 
 def reduce_gradients(grads: list[torch.Tensor], criterion: str) -> list[torch.Tensor]:
@@ -105,4 +119,4 @@ def unit_scores(graph, kind: str, blocks: list, criterion: str, data, num_sample
         return l1_head_scores(graph, blocks) if kind == "heads" else l1_neuron_scores(graph, blocks)
     batches = calibration_batches(graph, data, num_samples=num_samples, caller=f"{caller} (method {criterion!r})", needs_targets=True)
     head_grads, ffn_grads = mask_gradients(graph, blocks if kind == "heads" else [], blocks if kind == "neurons" else [], batches)
-    return reduce_gradients(head_grads if kind == "heads" else ffn_grads, criterion)
+    return reduce_gradients((head_grads if kind == "heads" else ffn_grads)[0], criterion)

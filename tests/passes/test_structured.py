@@ -161,7 +161,7 @@ def test_mask_gradients_equal_finite_differences_per_example():
     inputs = padded_inputs(model, 3, 9)
     labels = torch.tensor([0, 1, 1])
     heads, ffns = attention_blocks(graph, "test"), ffn_blocks(graph, "test")
-    head_grads, ffn_grads = mask_gradients(graph, heads, ffns, [{**inputs, "labels": labels}])
+    (head_grads,), (ffn_grads,) = mask_gradients(graph, heads, ffns, [{**inputs, "labels": labels}])
     eps = 1e-6
     layer1 = model.bert.encoder.layer[1]
     for h in range(4):
