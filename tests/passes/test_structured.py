@@ -248,3 +248,31 @@ def test_uneven_layers_reload_bit_identically_in_a_fresh_process(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "[1, 3] [24, 63]" in result.stdout
+
+
+def test_analyze_heads_against_eager_attention_and_zeroed_columns(tmp_path):
+    model, graph = traced()
+    inputs = padded_inputs(model, 6, 10)
+    labels = torch.tensor([0, 1, 1, 0, 1, 0])
+    analysed, info = graphprune.run_pass(graph, "analyze_heads", {"plot": str(tmp_path / "heads.png")}, data=[{**inputs, "labels": labels}])
+    meta = analysed.meta["heads"]
+    # entropy: the eager model's own attention probabilities, over real query tokens
+    eager = make_model()
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = eager(**inputs, output_attentions=True).attentions
+    real = inputs["attention_mask"].bool()
+    for layer, probs in enumerate(attentions):
+        h = -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)  # (batch, heads, queries)
+        expected = (h * real[:, None, :]).sum((0, 2)) / real.sum()
+        torch.testing.assert_close(torch.tensor(meta["entropy"][layer], dtype=torch.float64), expected.double(), atol=1e-5, rtol=1e-5)
+    # accuracy drop and loss increase: the graph with that head's output columns zeroed
+    with torch.no_grad():
+        base = graph.module(**inputs, labels=labels)
+        for layer, head in [(0, 2), (1, 3)]:
+            out = zeroed(graph, heads={layer: [head]}).module(**inputs, labels=labels)
+            drop = 100 * float((base.logits.argmax(-1) == labels).float().mean() - (out.logits.argmax(-1) == labels).float().mean())
+            assert meta["accuracy_drop_points"][layer][head] == pytest.approx(drop, abs=1e-3)
+            assert meta["loss_increase"][layer][head] == pytest.approx(float(out.loss - base.loss), abs=1e-5)
+    assert all(abs(float(torch.tensor(row).norm()) - 1) < 1e-5 for row in meta["importance"])
+    assert "accuracy drop when masked alone" in info["table"] and (tmp_path / "heads.png").stat().st_size > 1000
