@@ -3,9 +3,11 @@
 Baseline MiniLM fine-tuned on the Rotten Tomatoes snippets (built and cached on
 first use), then one-shot unstructured pruning of the encoder's Linear weights with
 the best criterion measured in ``bench/unstructured.py`` (SparseGPT with error
-correction, 50%, calibrated on 128 training snippets), then a short distilled
-recovery fine-tune, with test accuracy, parameters, non-zero parameters and latency
-vs dense after each.
+correction, 50%, calibrated on 128 training snippets), and structured pruning with
+the best search measured in ``bench/structured.py`` (K-prune, half the FLOPs kept,
+heads and neurons really removed); each followed by a short distilled recovery
+fine-tune, with test accuracy, parameters, non-zero parameters and latency vs dense
+after each step.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ..training.models import load_tokenizer
 from .workflow import latency_batch, results_table, stage_row
 
 UNSTRUCTURED = ("prune_weight", {"method": "sparsegpt", "sparsity": 0.5})
+STRUCTURED = ("structured_search", {"method": "kprune", "flops": 0.5})
 
 
 def run_demo(
@@ -33,6 +36,7 @@ def run_demo(
     baseline=None,
     tokenizer=None,
     splits=None,
+    stages=(UNSTRUCTURED, STRUCTURED),
     log=print,
 ):
     """Run the demo and return its results table (also printed through ``log``)."""
@@ -45,28 +49,17 @@ def run_demo(
     splits = splits or load_rotten_tomatoes()
     test = splits["test"].subset(eval_limit)
     inputs = latency_batch(test, tokenizer)
+    calibration = CalibrationData(splits["train"], tokenizer)
 
     rows = [stage_row("dense baseline", baseline, baseline, test, tokenizer, inputs, progress=progress)]
     log(f"baseline test accuracy {rows[-1]['accuracy']:.4f}")
-
-    name, config = UNSTRUCTURED
-    calibration = CalibrationData(splits["train"], tokenizer)
-    compressed, info = run_pass(baseline, name, config, data=calibration)
-    rows.append(stage_row(f"{config['method']} {config['sparsity']:.0%} (one-shot)", compressed, baseline, test, tokenizer, inputs, progress=progress))
-    log(f"after {name} {config}: accuracy {rows[-1]['accuracy']:.4f} ({info['seconds']} s)")
-
-    finetune(
-        compressed,
-        splits["train"],
-        tokenizer,
-        teacher=baseline,
-        max_steps=recovery_steps,
-        learning_rate=5e-5,
-        warmup_ratio=0.1,
-        progress=progress,
-    )
-    commit_masks(compressed)
-    rows.append(stage_row(f"+ recovery ({recovery_steps} steps, KD)", compressed, baseline, test, tokenizer, inputs, progress=progress))
+    for name, config in stages:
+        compressed, info = run_pass(baseline, name, {**config, **({"progress": progress} if name == "structured_search" else {})}, data=calibration)
+        rows.append(stage_row(f"{_label(name, config)} (one-shot)", compressed, baseline, test, tokenizer, inputs, progress=progress))
+        log(f"after {name} {config}: accuracy {rows[-1]['accuracy']:.4f} ({info['seconds']} s)")
+        finetune(compressed, splits["train"], tokenizer, teacher=baseline, max_steps=recovery_steps, learning_rate=5e-5, warmup_ratio=0.1, progress=progress)
+        commit_masks(compressed)
+        rows.append(stage_row(f"  + recovery ({recovery_steps} steps, KD)", compressed, baseline, test, tokenizer, inputs, progress=progress))
     table = results_table(
         f"graphprune demo: all-MiniLM-L6-v2 on Rotten Tomatoes test ({len(test)} snippets), "
         f"{time.perf_counter() - start:.0f} s",
@@ -74,3 +67,11 @@ def run_demo(
     )
     log(str(table))
     return table
+
+
+def _label(name: str, config: dict) -> str:
+    if name == "prune_weight":
+        return f"{config['method']} {config['sparsity']:.0%} weights"
+    if name == "structured_search":
+        return f"{config['method']} {config['flops']:.0%} FLOPs kept"
+    return name

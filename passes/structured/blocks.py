@@ -182,43 +182,71 @@ def _replace_linear(gm: fx.GraphModule, target: str, rows: torch.Tensor | None, 
     setattr(gm.get_submodule(parent), name, new)
 
 
-def _empty_input(gm: fx.GraphModule, consumer: fx.Node, like: fx.Node) -> None:
+def _empty_input(gm: fx.GraphModule, consumer: fx.Node, like: fx.Node) -> fx.Node:
     """Feed ``consumer`` (a Linear with no inputs left) a zero-width slice of ``like``: its output is its bias."""
     with gm.graph.inserting_before(consumer):
         empty = gm.graph.call_function(aten.slice.Tensor, (like, -1, 0, 0))
     empty.meta["nn_module_stack"] = dict(consumer.meta.get("nn_module_stack", {}))
     consumer.args = (empty,) + tuple(consumer.args[1:])
+    return empty
 
 
-def slice_heads(graph, block: AttentionBlock, keep: list[int]) -> None:
-    """Keep only heads ``keep`` of ``block``; with none kept the block's output is its output bias."""
+def slice_heads(graph, block: AttentionBlock, keep: list[int]) -> list[fx.Node]:
+    """Keep only heads ``keep`` of ``block``; with none kept the block's output is its output bias.
+
+    Returns the nodes whose output width changed (for :func:`finish_surgery`).
+    """
     gm = graph.module
     rows = torch.cat([torch.arange(h * block.head_size, (h + 1) * block.head_size) for h in keep]) if keep else torch.zeros(0, dtype=torch.long)
     for source in block.qkv:
         _replace_linear(gm, source.target, rows, None)
     _replace_linear(gm, block.out.target, None, rows)
     if not keep:
-        _empty_input(gm, block.out, block.qkv[0].args[0])
+        return [_empty_input(gm, block.out, block.qkv[0].args[0])]
+    return list(block.qkv)
 
 
-def slice_neurons(graph, block: FfnBlock, keep: list[int]) -> None:
-    """Keep only intermediate neurons ``keep`` of ``block``; with none kept its output is the down bias."""
+def slice_neurons(graph, block: FfnBlock, keep: list[int]) -> list[fx.Node]:
+    """Keep only intermediate neurons ``keep`` of ``block``; with none kept its output is the down bias.
+
+    Returns the nodes whose output width changed (for :func:`finish_surgery`).
+    """
     gm = graph.module
     index = torch.as_tensor(sorted(keep), dtype=torch.long)
     _replace_linear(gm, block.up.target, index, None)
     _replace_linear(gm, block.down.target, None, index)
     if not keep:
-        _empty_input(gm, block.down, block.up.args[0])
+        return [_empty_input(gm, block.down, block.up.args[0])]
+    return [block.up]
 
 
-def finish_surgery(graph) -> None:
-    """Drop what the edits left dead, recompile, and bring shapes and metadata up to date."""
+def reshaped_nodes(gm: fx.GraphModule, producers: list[fx.Node]) -> list[fx.Node]:
+    """The nodes whose shapes change when ``producers`` change width: them, and their users up to the next Linear."""
+    seen, stack = set(), [p for p in producers if p.graph is gm.graph]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if _linear(gm, node) is not None and node not in producers:
+            continue  # a Linear's output width is its own
+        stack.extend(node.users)
+    return list(seen)
+
+
+def finish_surgery(graph, producers: list[fx.Node] | None = None) -> None:
+    """Drop what the edits left dead, recompile, and bring shapes and metadata up to date.
+
+    ``producers``: the nodes whose output width the edits changed (sliced Linears, new
+    slices); only the shapes downstream of them, up to the next Linear, are recomputed.
+    None recomputes every shape.
+    """
     gm = graph.module
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    refresh_shapes(gm)
+    refresh_shapes(gm, None if producers is None else reshaped_nodes(gm, producers))
     init_node_metadata(graph)
     if "common" in graph.meta:
         old = graph.meta["common"]

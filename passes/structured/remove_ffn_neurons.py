@@ -64,12 +64,13 @@ def remove_ffn_neurons(graph, config: RemoveFfnNeuronsConfig, data=None):
             removed = lowest_scores(scores, config.fraction, config.scope, config.min_neurons)
     except ConfigError as error:
         raise ValueError(f"pass 'remove_ffn_neurons': {error}") from None
+    changed = []
     for layer, (block, gone) in enumerate(zip(blocks, removed)):
         if gone:
             dropped = set(gone)
-            slice_neurons(graph, block, [i for i in range(block.width) if i not in dropped])
+            changed += slice_neurons(graph, block, [i for i in range(block.width) if i not in dropped])
             graph.record_edit({"pass": "remove_ffn_neurons", "layer": layer, "removed": len(gone), "width_before": block.width})
-    finish_surgery(graph)
+    finish_surgery(graph, changed)
     return graph, {
         "ffn_width_per_layer": [n - len(gone) for n, gone in zip(sizes, removed)],
         "neurons_removed": sum(len(g) for g in removed),

@@ -67,11 +67,12 @@ def remove_heads(graph, config: RemoveHeadsConfig, data=None):
             removed = lowest_scores(scores, config.fraction, config.scope, config.min_heads)
     except ConfigError as error:
         raise ValueError(f"pass 'remove_heads': {error}") from None
+    changed = []
     for layer, (block, gone) in enumerate(zip(blocks, removed)):
         if gone:
-            slice_heads(graph, block, [h for h in range(block.heads) if h not in gone])
+            changed += slice_heads(graph, block, [h for h in range(block.heads) if h not in gone])
             graph.record_edit({"pass": "remove_heads", "layer": layer, "removed": gone, "heads_before": block.heads})
-    finish_surgery(graph)
+    finish_surgery(graph, changed)
     return graph, {
         "removed": {layer: gone for layer, gone in enumerate(removed) if gone},
         "heads_per_layer": [n - len(gone) for n, gone in zip(sizes, removed)],

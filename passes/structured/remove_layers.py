@@ -104,5 +104,5 @@ def remove_layers(graph, config: RemoveLayersConfig, data=None):
         source, output, _ = spans[index]
         output.replace_all_uses_with(source)
         graph.record_edit({"pass": "remove_layers", "layer": index})
-    finish_surgery(graph)
+    finish_surgery(graph, [])  # no shape changes: the layer's output had its input's shape
     return graph, {"removed": chosen, "num_layers": len(spans) - len(chosen), **({"similarity": scores} if scores else {})}

@@ -131,15 +131,16 @@ def structured_search(graph, config: StructuredSearchConfig, data=None):
         keep_heads, keep_neurons = _kprune(graph, dense, heads, ffns, batches, repair, budget, config, bar)
     bar.close()
     dense_flops = dense.meta["common"]["totals"]["flops"]
+    changed = []
     for block, keep in zip(heads, keep_heads):
         if len(keep) < block.heads:
-            slice_heads(graph, block, keep)
+            changed += slice_heads(graph, block, keep)
             graph.record_edit({"pass": NAME, "layer": block.layer, "heads_kept": keep, "heads_before": block.heads})
     for block, keep in zip(ffns, keep_neurons):
         if len(keep) < block.width:
-            slice_neurons(graph, block, keep)
+            changed += slice_neurons(graph, block, keep)
             graph.record_edit({"pass": NAME, "layer": block.layer, "neurons_kept": len(keep), "width_before": block.width})
-    finish_surgery(graph)
+    finish_surgery(graph, changed)
     flops_after = graph.meta["common"]["totals"]["flops"]
     return graph, {
         "method": config.method,

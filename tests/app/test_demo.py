@@ -13,8 +13,13 @@ def test_demo_workflow_produces_the_table():
     graphprune.finetune(graph, splits["train"], tokenizer, epochs=8, batch_size=16, learning_rate=3e-3, progress=False)
     lines = []
     table = run_demo(baseline=graph, tokenizer=tokenizer, splits=splits, recovery_steps=3, progress=False, log=lines.append)
-    assert [row["stage"] for row in table.rows] == ["dense baseline", "sparsegpt 50% (one-shot)", "+ recovery (3 steps, KD)"]
-    dense, pruned, recovered = table.rows
+    assert [row["stage"] for row in table.rows] == [
+        "dense baseline", "sparsegpt 50% weights (one-shot)", "  + recovery (3 steps, KD)",
+        "kprune 50% FLOPs kept (one-shot)", "  + recovery (3 steps, KD)",
+    ]
+    dense, pruned, recovered, structured, structured_recovered = table.rows
+    assert structured["params"] < dense["params"]  # heads and neurons really removed, not masked
+    assert structured_recovered["params"] == structured["params"]
     assert dense["params"] == pruned["params"] == sum(p.numel() for p in graph.module.parameters())
     encoder_weights = sum(
         graph.module.get_submodule(f"bert.encoder.layer.{i}.{name}").weight.numel()
