@@ -43,7 +43,7 @@ from graphprune.training.timing import compare_latency
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.75, 0.6, 0.5, 0.4)
 METHODS = ("kwon", "kprune")
-RECOVERY_STEPS = 150  # batch 32: under half an epoch of the 10k training snippets
+RECOVERY_STEPS = 100  # batch 32: under a third of an epoch of the 10k training snippets
 
 
 def log(*args):
