@@ -39,6 +39,7 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_minilm, load_tokenizer
 from graphprune.training.timing import compare_latency
+from report import table  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.75, 0.6, 0.5, 0.4)
@@ -172,17 +173,6 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def table(rows: list[dict], columns: list[str]) -> str:
-    def cell(v):
-        return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    cells = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))) for row in cells]
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: two budgets, 300 test snippets, few steps")
@@ -236,7 +226,7 @@ def main() -> None:
                "speedup_b8", "speedup_b1", "speedup_b8_compiled", "prune_seconds"]
     log(f"\nStructured pruning, MiniLM on Rotten Tomatoes test (dense {dense:.4f}, {dense_params / 1e6:.2f}M params); "
         f"speed-ups measured on this CPU at 128 tokens; recovery = {steps} distilled steps")
-    log(table(rows, columns))
+    log(table(rows, columns, digits=3))
     log(f"\nbert-base, half the heads and neurons (l1, per layer): ours {base_timing['ours_seconds']:.2f} s "
         f"(target < 1 s), Torch-Pruning's slicing functions alone {base_timing['torch_pruning_functions_seconds']:.2f} s; "
         f"speed-up {base_timing['speedup_b8']:.2f}x at batch 8 (target >= 1.9x)")

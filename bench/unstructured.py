@@ -43,6 +43,7 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import compare_latency
+from report import table  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
@@ -187,14 +188,6 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-
-
-def table(rows: list[dict], columns: list[str]) -> str:
-    cells = [[("-" if r.get(c) is None else f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r[c])) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))) for row in cells]
-    return "\n".join(lines)
 
 
 def main() -> None:

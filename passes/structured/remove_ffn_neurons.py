@@ -9,13 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import graphprune
-from graphprune.infra.config import ConfigError, check_choice, check_range
 
 from .blocks import ffn_blocks, finish_surgery, slice_neurons
 from .importance import CRITERIA, unit_scores
-from .selection import explicit_removals, lowest_scores
-
-SCOPES = ("global", "local")
+from .selection import check_unit_config, choose_removals, lowest_scores
 
 
 @dataclass(frozen=True)
@@ -37,13 +34,7 @@ class RemoveFfnNeuronsConfig:
     num_samples: int = 256
 
     def __post_init__(self):
-        check_choice("method", self.method, CRITERIA)
-        check_choice("scope", self.scope, SCOPES)
-        check_range("fraction", self.fraction, 0.0, 1.0, high_open=True)
-        check_range("min_neurons", self.min_neurons, 0)
-        check_range("num_samples", self.num_samples, 1)
-        if self.neurons is not None and not isinstance(self.neurons, dict):
-            raise ConfigError("neurons", self.neurons, "a table {layer: [neuron indices]}")
+        check_unit_config(self, "neurons", "min_neurons", CRITERIA)
 
 
 @graphprune.register_pass("remove_ffn_neurons", config=RemoveFfnNeuronsConfig)
@@ -56,14 +47,11 @@ def remove_ffn_neurons(graph, config: RemoveFfnNeuronsConfig, data=None):
     """
     blocks = ffn_blocks(graph, "remove_ffn_neurons")
     sizes = [b.width for b in blocks]
-    try:
-        if config.neurons is not None:
-            removed = explicit_removals("neurons", config.neurons, sizes, config.min_neurons, "neuron")
-        else:
-            scores = unit_scores(graph, "neurons", blocks, config.method, data, config.num_samples, "pass 'remove_ffn_neurons'")
-            removed = lowest_scores(scores, config.fraction, config.scope, config.min_neurons)
-    except ConfigError as error:
-        raise ValueError(f"pass 'remove_ffn_neurons': {error}") from None
+    removed = choose_removals(
+        "remove_ffn_neurons", config.neurons, "neurons", sizes, config.min_neurons, "neuron",
+        lambda: lowest_scores(unit_scores(graph, "neurons", blocks, config.method, data, config.num_samples, "pass 'remove_ffn_neurons'"),
+                              config.fraction, config.scope, config.min_neurons),
+    )
     changed = []
     for layer, (block, gone) in enumerate(zip(blocks, removed)):
         if gone:

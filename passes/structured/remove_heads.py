@@ -11,13 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import graphprune
-from graphprune.infra.config import ConfigError, check_choice, check_range
 
 from .blocks import attention_blocks, finish_surgery, slice_heads
 from .importance import CRITERIA, unit_scores
-from .selection import explicit_removals, lowest_scores
-
-SCOPES = ("global", "local")
+from .selection import check_unit_config, choose_removals, lowest_scores
 
 
 @dataclass(frozen=True)
@@ -39,13 +36,7 @@ class RemoveHeadsConfig:
     num_samples: int = 256
 
     def __post_init__(self):
-        check_choice("method", self.method, CRITERIA)
-        check_choice("scope", self.scope, SCOPES)
-        check_range("fraction", self.fraction, 0.0, 1.0, high_open=True)
-        check_range("min_heads", self.min_heads, 0)
-        check_range("num_samples", self.num_samples, 1)
-        if self.heads is not None and not isinstance(self.heads, dict):
-            raise ConfigError("heads", self.heads, "a table {layer: [head indices]}")
+        check_unit_config(self, "heads", "min_heads", CRITERIA)
 
 
 @graphprune.register_pass("remove_heads", config=RemoveHeadsConfig)
@@ -59,14 +50,11 @@ def remove_heads(graph, config: RemoveHeadsConfig, data=None):
     """
     blocks = attention_blocks(graph, "remove_heads")
     sizes = [b.heads for b in blocks]
-    try:
-        if config.heads is not None:
-            removed = explicit_removals("heads", config.heads, sizes, config.min_heads, "head")
-        else:
-            scores = unit_scores(graph, "heads", blocks, config.method, data, config.num_samples, "pass 'remove_heads'")
-            removed = lowest_scores(scores, config.fraction, config.scope, config.min_heads)
-    except ConfigError as error:
-        raise ValueError(f"pass 'remove_heads': {error}") from None
+    removed = choose_removals(
+        "remove_heads", config.heads, "heads", sizes, config.min_heads, "head",
+        lambda: lowest_scores(unit_scores(graph, "heads", blocks, config.method, data, config.num_samples, "pass 'remove_heads'"),
+                              config.fraction, config.scope, config.min_heads),
+    )
     changed = []
     for layer, (block, gone) in enumerate(zip(blocks, removed)):
         if gone:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from graphprune.infra.config import ConfigError
+from graphprune.infra.config import ConfigError, check_choice, check_range
+
+SCOPES = ("global", "local")
 
 
 def explicit_removals(field: str, requested: dict, sizes: list[int], min_keep: int, unit: str) -> list[list[int]]:
@@ -58,3 +60,25 @@ def lowest_scores(scores: list[torch.Tensor], fraction: float, scope: str, min_k
             removed[layer].append(index)
             budget -= 1
     return [sorted(r) for r in removed]
+
+
+def check_unit_config(config, explicit_field: str, min_field: str, criteria: tuple) -> None:
+    """The checks ``remove_heads`` and ``remove_ffn_neurons`` share (their configs have the same shape)."""
+    check_choice("method", config.method, criteria)
+    check_choice("scope", config.scope, SCOPES)
+    check_range("fraction", config.fraction, 0.0, 1.0, high_open=True)
+    check_range(min_field, getattr(config, min_field), 0)
+    check_range("num_samples", config.num_samples, 1)
+    explicit = getattr(config, explicit_field)
+    if explicit is not None and not isinstance(explicit, dict):
+        raise ConfigError(explicit_field, explicit, f"a table {{layer: [{explicit_field[:-1]} indices]}}")
+
+
+def choose_removals(pass_name: str, explicit: dict | None, field: str, sizes: list[int], min_keep: int, unit: str, score) -> list[list[int]]:
+    """Per layer, the sorted indices to remove: the explicit table, or the lowest of ``score()``'s per-layer scores."""
+    try:
+        if explicit is not None:
+            return explicit_removals(field, explicit, sizes, min_keep, unit)
+        return score()
+    except ConfigError as error:
+        raise ValueError(f"pass '{pass_name}': {error}") from None

@@ -1,0 +1,16 @@
+"""Plain-text result tables, shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+
+def table(rows: list[dict], columns: list[str], digits: int = 4) -> str:
+    """Rows of dicts as aligned columns: floats to ``digits`` places, missing values as ``-``."""
+
+    def cell(value) -> str:
+        return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    cells = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join(lines)
