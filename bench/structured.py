@@ -176,6 +176,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: two budgets, 300 test snippets, few steps")
+    parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help=f"FLOPs budgets (default {' '.join(map(str, BUDGETS))})")
     args = parser.parse_args()
     start = time.perf_counter()
     base = load_baseline()
@@ -188,7 +189,7 @@ def main() -> None:
     dense_params = sum(p.numel() for p in base.module.parameters())
     log(f"MiniLM baseline: test accuracy {dense:.4f} on {len(test)} snippets; {dense_params / 1e6:.2f}M params; "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
-    budgets = (0.6, 0.4) if args.quick else BUDGETS
+    budgets = (0.6, 0.4) if args.quick else args.budgets
     search_options = {"num_samples": 256, "reconstruct_samples": 128, "score_samples": 64} if args.quick else {}
     steps = 10 if args.quick else RECOVERY_STEPS
     rows = []
