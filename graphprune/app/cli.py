@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(fn=_cmd_run)
     demo = sub.add_parser("demo", help="the main job on the shipped model and data")
     demo.add_argument("--cache", default=None, help="cache folder for the baseline (default $GRAPHPRUNE_CACHE or ~/.cache/graphprune)")
-    demo.add_argument("--recovery-steps", type=int, default=100)
+    demo.add_argument("--recovery-steps", type=int, default=60)
     demo.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test snippets")
     demo.set_defaults(fn=_cmd_demo)
     return parser
