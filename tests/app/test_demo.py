@@ -3,12 +3,12 @@
 import graphprune
 from graphprune.app.demo import run_demo
 
-from ..models import make_model, sentiment_data, tiny_tokenizer
+from ..models import make_model, sentiment_data, tiny_tokenizer, trace_once
 
 
 def test_demo_workflow_produces_the_table():
     tokenizer = tiny_tokenizer()
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     splits = {"train": sentiment_data(64, seed=0), "validation": sentiment_data(16, seed=1), "test": sentiment_data(40, seed=2)}
     graphprune.finetune(graph, splits["train"], tokenizer, epochs=8, batch_size=16, learning_rate=3e-3, progress=False)
     lines = []

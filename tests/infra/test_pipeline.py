@@ -9,7 +9,7 @@ from torch import nn
 import graphprune
 from graphprune.ir.metadata import common
 
-from ..models import make_model, max_diff, padded_inputs
+from ..models import make_model, max_diff, padded_inputs, trace_once
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def _same(a, b):
 
 def test_user_pass_runs_in_a_pipeline(user_passes):
     model = make_model()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     n_dropout = sum(isinstance(graph.module.get_submodule(n.target), nn.Dropout) for n in graph.nodes if n.op == "call_module")
     assert n_dropout > 0
     out, infos = graphprune.run_pipeline(graph, [("test_remove_dropout", {}), ("add_common_metadata", {"seq_len": 8})])
@@ -89,14 +89,14 @@ def test_pipeline_from_toml(tmp_path, user_passes):
         '[[passes]]\nname = "test_remove_dropout"\nkeep_classifier_dropout = true\n\n'
         '[[passes]]\nname = "add_common_metadata"\nseq_len = 32\n'
     )
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     out, infos = graphprune.run_pipeline(graph, toml)
     assert infos[0]["removed"] > 0 and out.meta["common"]["seq_len"] == 32
     assert isinstance(out.module.get_submodule("dropout"), nn.Dropout)
 
 
 def test_failing_step_names_it_and_the_steps_before_and_leaves_graph_unchanged(user_passes):
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     graph, _ = graphprune.run_pass(graph, "add_common_metadata")
     before = _snapshot(graph)
     with pytest.raises(graphprune.PipelineError) as error:
@@ -116,7 +116,7 @@ def test_run_pass_failure_is_a_pass_error_and_graph_is_unchanged(tiny_graph, use
 
 
 def test_bad_step_configs_are_rejected_before_anything_runs(user_passes, tmp_path):
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     with pytest.raises(ValueError, match=r"pipeline step 2: pass 'add_common_metadata': field 'seq_len' = 0"):
         graphprune.run_pipeline(graph, [("init_metadata", {}), ("add_common_metadata", {"seq_len": 0})])
     with pytest.raises(ValueError, match="pipeline step 1: unknown pass"):

@@ -10,7 +10,7 @@ import transformers as tf
 import graphprune
 from graphprune.ir.calls import model_call_of
 
-from ..models import MODEL_FACTORIES, TINY, make_model, padded_inputs
+from ..models import MODEL_FACTORIES, TINY, make_model, padded_inputs, trace_once
 
 OPTIONAL = ("attention_mask", "token_type_ids", "position_ids")
 BATCH, SEQ = 3, 9
@@ -89,7 +89,7 @@ def call_forms(model):
 @pytest.mark.parametrize("name", sorted(MODEL_FACTORIES))
 def test_call_forms_match_eager(name):
     model = make_model(name)
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     forms = 0
     for where, args, kwargs in call_forms(model):
         with torch.no_grad():
@@ -124,7 +124,7 @@ def test_every_problem_type_gives_the_models_loss(family, num_labels, problem_ty
     else:
         model = tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(**TINY, num_labels=num_labels, problem_type=problem_type))
     model.eval()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     inputs = padded_inputs(model, BATCH, 7)
     with torch.no_grad():
         out, ref = graph.module(**inputs, labels=labels), model(**inputs, labels=labels)
@@ -134,7 +134,7 @@ def test_every_problem_type_gives_the_models_loss(family, num_labels, problem_ty
 
 def test_deberta_ignores_negative_labels_like_the_model():
     model = make_model("DebertaV2ForSequenceClassification")
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     inputs = padded_inputs(model, BATCH, 7)
     for labels in (torch.tensor([1, -1, 0]), torch.tensor([-1, -1, -1])):
         with torch.no_grad():
@@ -143,7 +143,7 @@ def test_deberta_ignores_negative_labels_like_the_model():
 
 def test_problem_type_is_recorded_on_first_call_as_the_model_does():
     model = make_model()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     inputs = padded_inputs(model, BATCH, 7)
     multi = torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_problem_type_is_recorded_on_first_call_as_the_model_does():
 
 def test_loss_backpropagates_like_the_model():
     model = make_model("BertForTokenClassification")
-    graph = graphprune.trace(model).copy()  # own parameters, same values
+    graph = trace_once(model).copy()  # own parameters, same values
     inputs = model_inputs(model)
     labels = targets_for(model, inputs)["labels"]
     graph.module(**inputs, labels=labels).loss.backward()
@@ -171,7 +171,7 @@ def test_loss_backpropagates_like_the_model():
 
 def test_inputs_the_graph_cannot_honour_raise_clear_errors():
     model = make_model()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     ids = padded_inputs(model, 2, 6)["input_ids"]
     cases = [
         ({"output_attentions": True}, r"cannot honour output_attentions=True.*supported inputs: input_ids, attention_mask"),
@@ -196,7 +196,7 @@ def test_inputs_the_graph_cannot_honour_raise_clear_errors():
 def test_heads_without_a_known_loss_refuse_labels_clearly():
     torch.manual_seed(0)
     model = tf.BertForNextSentencePrediction(tf.BertConfig(**TINY)).eval()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     inputs = padded_inputs(model, 2, 6)
     with torch.no_grad():
         assert_same(graph.module(**inputs), model(**inputs), "no labels")
@@ -206,7 +206,7 @@ def test_heads_without_a_known_loss_refuse_labels_clearly():
 
 def test_positional_order_is_the_models_own():
     model = make_model("DistilBertForSequenceClassification")  # input_ids, attention_mask, inputs_embeds, labels, position_ids
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     inputs = padded_inputs(model, 2, 6)
     labels = torch.tensor([1, 0])
     positions = (torch.arange(6) + 1).expand(2, 6)
@@ -221,7 +221,7 @@ def test_positional_order_is_the_models_own():
 
 def test_broadcast_positions_and_the_tokenizer_output_of_another_family():
     model = make_model("DistilBertForSequenceClassification")
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     inputs = padded_inputs(model, 2, 6)
     with torch.no_grad():
         out = graph.module(**inputs, position_ids=torch.arange(6)[None], token_type_ids=torch.zeros(2, 6, dtype=torch.long))
@@ -231,7 +231,7 @@ def test_broadcast_positions_and_the_tokenizer_output_of_another_family():
 
 def test_graph_call_and_code_show_the_signature():
     model = make_model()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     code = graph.module.code
     assert "def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None" in code
     assert "labels=None, **kwargs)" in code
@@ -243,17 +243,17 @@ def test_graph_call_and_code_show_the_signature():
 def test_example_inputs_need_only_input_ids_and_may_carry_labels():
     model = make_model()
     inputs = padded_inputs(model, 2, 6)
-    graph = graphprune.trace(model, {"input_ids": inputs["input_ids"], "labels": torch.tensor([0, 1])})
+    graph = trace_once(model, {"input_ids": inputs["input_ids"], "labels": torch.tensor([0, 1])})
     with torch.no_grad():
         assert_same(graph.module(**inputs), model(**inputs), "traced from input_ids only")
     with pytest.raises(graphprune.TraceError, match="example input 'inputs_embeds' cannot be traced"):
-        graphprune.trace(model, {"input_ids": inputs["input_ids"], "inputs_embeds": torch.zeros(2, 6, 32)})
+        trace_once(model, {"input_ids": inputs["input_ids"], "inputs_embeds": torch.zeros(2, 6, 32)})
 
 
 def test_a_model_configured_for_tuples_still_returns_tuples():
     torch.manual_seed(0)
     model = tf.BertForSequenceClassification(tf.BertConfig(**TINY, return_dict=False)).eval()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     assert model.config.return_dict is False  # restored after tracing
     inputs = padded_inputs(model, 2, 6)
     labels = torch.tensor([1, 0])

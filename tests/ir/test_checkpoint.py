@@ -11,7 +11,7 @@ import graphprune
 from graphprune.ir import checkpoint, serialize
 from graphprune.ir.metadata import common
 
-from ..models import make_model, max_diff, padded_inputs
+from ..models import make_model, max_diff, padded_inputs, trace_once
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_fresh_process_gives_bit_identical_outputs(saved, tiny_graph, tmp_path):
 
 def test_call_signature_survives_save_and_load(tmp_path):
     model = make_model("BertForQuestionAnswering")
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     graph.save(tmp_path / "qa")
     again = graphprune.load(tmp_path / "qa")
     assert again.module.code == graph.module.code
@@ -128,7 +128,7 @@ def test_format_1_checkpoints_load_with_their_models_call(tmp_path):
 
 def test_tied_weights_stay_tied(tmp_path):
     model = make_model("BertForMaskedLM")
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     graph.save(tmp_path / "mlm")
     loaded = graphprune.load(tmp_path / "mlm")
     decoder = loaded.module.get_submodule("cls.predictions.decoder").weight
@@ -141,7 +141,7 @@ def test_tied_weights_stay_tied(tmp_path):
 @pytest.mark.parametrize("name", ["AlbertForSequenceClassification", "DebertaV2ForSequenceClassification", "DistilBertForSequenceClassification"])
 def test_other_families_round_trip(tmp_path, name):
     model = make_model(name)
-    graphprune.trace(model).save(tmp_path / "ck")
+    trace_once(model).save(tmp_path / "ck")
     loaded = graphprune.load(tmp_path / "ck")
     inputs = padded_inputs(model, 3, 10)
     with torch.no_grad():
@@ -151,7 +151,7 @@ def test_other_families_round_trip(tmp_path, name):
 def test_graph_with_changed_shapes_round_trips(tmp_path):
     """A narrower FFN (as structured pruning will make) is described by the checkpoint itself."""
     model = make_model()
-    graph = graphprune.trace(model).copy()
+    graph = trace_once(model).copy()
     keep = torch.arange(0, 64, 2)  # keep every other FFN neuron of layer 0
     up = graph.module.get_submodule("bert.encoder.layer.0.intermediate.dense")
     down = graph.module.get_submodule("bert.encoder.layer.0.output.dense")
@@ -274,7 +274,7 @@ def test_refuses_to_overwrite_something_else(tmp_path, tiny_graph):
 
 
 def test_unsaveable_module_is_reported_before_writing(tmp_path):
-    graph = graphprune.trace(make_model()).copy()
+    graph = trace_once(make_model()).copy()
 
     class Custom(nn.Linear):
         pass

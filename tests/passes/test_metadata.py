@@ -6,7 +6,7 @@ from torch import nn
 import graphprune
 from graphprune.ir.metadata import common
 
-from ..models import make_model
+from ..models import make_model, trace_once
 
 ROLE_NAMES = {
     "BertForSequenceClassification": {
@@ -38,7 +38,7 @@ ROLE_NAMES = {
 
 def analysed(name, seq_len=16):
     model = make_model(name)
-    graph, _ = graphprune.run_pipeline(graphprune.trace(model), [("init_metadata", {}), ("add_common_metadata", {"seq_len": seq_len})])
+    graph, _ = graphprune.run_pipeline(trace_once(model), [("init_metadata", {}), ("add_common_metadata", {"seq_len": seq_len})])
     return model, graph
 
 
@@ -111,7 +111,7 @@ def test_graph_level_metadata():
 
 def test_summary_is_a_table_and_does_not_change_the_graph():
     model = make_model()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     before = {n.name: dict(n.meta) for n in graph.nodes}
     table = graph.summary(seq_len=32)
     text = str(table)

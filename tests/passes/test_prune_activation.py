@@ -9,7 +9,7 @@ from torch import nn
 import graphprune
 from graphprune.ir.metadata import common
 
-from ..models import make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer
+from ..models import make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once
 
 ENCODER = ("query", "key", "value", "attention_output", "ffn_up", "ffn_down")
 
@@ -39,7 +39,7 @@ def hand_masked(model, sparsity: float, keep_sets=None):
 @pytest.mark.parametrize("sparsity", [0.25, 0.5, 0.75])
 def test_l1_output_equals_a_hand_written_masked_forward(sparsity):
     model = make_model()
-    graph, info = graphprune.run_pass(graphprune.trace(copy.deepcopy(model)), "prune_activation", {"sparsity": sparsity})
+    graph, info = graphprune.run_pass(trace_once(copy.deepcopy(model)), "prune_activation", {"sparsity": sparsity})
     assert info["rewritten"] == 12
     handles = hand_masked(model, sparsity)
     try:
@@ -54,7 +54,7 @@ def test_l1_output_equals_a_hand_written_masked_forward(sparsity):
 
 def test_each_token_keeps_exactly_its_share_and_padding_changes_nothing_else():
     model = make_model()
-    graph, _ = graphprune.run_pass(graphprune.trace(model), "prune_activation", {"sparsity": 0.5, "ffn_down": {"sparsity": 0.75}})
+    graph, _ = graphprune.run_pass(trace_once(model), "prune_activation", {"sparsity": 0.5, "ffn_down": {"sparsity": 0.75}})
     seen = {}  # the last input each role's Linear saw (the hooks return None: inputs unchanged)
     for node in graph.nodes:
         if node.op == "call_module" and common(node).get("role") in ("query", "ffn_down"):
@@ -78,10 +78,10 @@ def test_each_token_keeps_exactly_its_share_and_padding_changes_nothing_else():
 
 def test_random_keeps_a_fixed_seeded_feature_set():
     model = make_model()
-    graph, _ = graphprune.run_pass(graphprune.trace(copy.deepcopy(model)), "prune_activation", {"method": "random", "sparsity": 0.5, "seed": 3})
+    graph, _ = graphprune.run_pass(trace_once(copy.deepcopy(model)), "prune_activation", {"method": "random", "sparsity": 0.5, "seed": 3})
     buffers = [b for name, b in graph.module.named_buffers() if name.startswith("activation_keep_")]
     assert len(buffers) == 12 and all(int(b.sum()) == len(b) // 2 for b in buffers)
-    again, _ = graphprune.run_pass(graphprune.trace(copy.deepcopy(model)), "prune_activation", {"method": "random", "sparsity": 0.5, "seed": 3})
+    again, _ = graphprune.run_pass(trace_once(copy.deepcopy(model)), "prune_activation", {"method": "random", "sparsity": 0.5, "seed": 3})
     assert all(torch.equal(a, b) for a, b in zip(buffers, [b for n, b in again.module.named_buffers() if n.startswith("activation_keep_")]))
     handles = hand_masked(model, 0.5, keep_sets=buffers)
     try:
@@ -95,7 +95,7 @@ def test_random_keeps_a_fixed_seeded_feature_set():
 
 def test_the_rewrite_is_visible_saved_reloaded_trained_and_replaceable(tmp_path):
     model = make_model()
-    graph, _ = graphprune.run_pass(graphprune.trace(model), "prune_activation", {"sparsity": 0.5})
+    graph, _ = graphprune.run_pass(trace_once(model), "prune_activation", {"sparsity": 0.5})
     code = graph.module.code
     assert code.count("torch.ops.aten.kthvalue.default") == 12 and code.count("torch.ops.aten.gt.Tensor") == 12
     graph.save(tmp_path / "act")
@@ -119,10 +119,10 @@ def test_mase_tutorial_config_runs_as_written():
         "weight": {"sparsity": 0.5, "method": "l1-norm", "scope": "local"},
         "activation": {"sparsity": 0.5, "method": "l1-norm", "scope": "local"},
     }
-    graph, info = graphprune.run_pass(graphprune.trace(copy.deepcopy(model)), "prune", config)
+    graph, info = graphprune.run_pass(trace_once(copy.deepcopy(model)), "prune", config)
     assert info["weight"]["weight_sparsity"] == 0.5 and info["activation"]["rewritten"] == 12
     both, _ = graphprune.run_pipeline(
-        graphprune.trace(copy.deepcopy(model)),
+        trace_once(copy.deepcopy(model)),
         [("prune_weight", {"sparsity": 0.5, "method": "l1"}), ("prune_activation", {"sparsity": 0.5, "method": "l1"})],
     )
     inputs = padded_inputs(model, 2, 8)
@@ -131,7 +131,7 @@ def test_mase_tutorial_config_runs_as_written():
 
 
 def test_mase_layer_wise_sparsities_and_defaults():
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     layer = "bert.encoder.layer.0.output.dense"
     pruned, _ = graphprune.run_pass(graph, "prune", {"weight": {"sparsity": {layer: 0.75}, "method": "l1-norm"}})
     for module_path, module in pruned.module.named_modules():
@@ -145,7 +145,7 @@ def test_mase_layer_wise_sparsities_and_defaults():
 
 
 def test_sparsity_metadata_per_layer_and_in_the_summary():
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     pruned, _ = graphprune.run_pipeline(
         graph,
         [("prune_weight", {"sparsity": 0.5, "ffn_up": {"sparsity": 0.75}}), ("prune_activation", {"sparsity": 0.25, "query": None})],

@@ -14,7 +14,7 @@ from graphprune.ir.masks import MovementMask, mask_of
 from graphprune.ir.metadata import common
 from graphprune.training.calibration import CalibrationData, calibration_batches
 
-from ..models import make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer
+from ..models import make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once
 
 ENCODER = ("query", "key", "value", "attention_output", "ffn_up", "ffn_down")
 DATA_METHODS = ("taylor", "wanda", "sparsegpt")
@@ -25,7 +25,7 @@ def calib(n=48):
 
 
 def traced(name="BertForSequenceClassification"):
-    return graphprune.trace(make_model(name))
+    return trace_once(make_model(name))
 
 
 def linears(graph, roles=ENCODER) -> dict:
@@ -123,7 +123,7 @@ def test_wanda_scores_equal_the_formula():
     from passes.pruning.prune_weight import WeightEntry
 
     model = make_model()
-    graph = graphprune.trace(copy.deepcopy(model))
+    graph = trace_once(copy.deepcopy(model))
     batches = calibration_batches(graph, calib(), num_samples=48, caller="test")
     targets = select_targets(graph, "role", WeightEntry(method="wanda"), {})
     got = scoring.wanda_scores(targets, scoring.input_square_sums(graph, targets, batches))
@@ -145,7 +145,7 @@ def test_taylor_scores_equal_the_formula():
     from passes.pruning.prune_weight import WeightEntry
 
     model = make_model()
-    graph = graphprune.trace(copy.deepcopy(model))
+    graph = trace_once(copy.deepcopy(model))
     batches = calibration_batches(graph, calib(), num_samples=48, caller="test", needs_targets=True)
     targets = select_targets(graph, "role", WeightEntry(method="taylor"), {})
     got = scoring.taylor_scores(graph, targets, batches)
@@ -172,7 +172,7 @@ def test_sparsegpt_at_zero_sparsity_leaves_weights_unchanged():
 @pytest.mark.parametrize("layer", ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.1.output.dense"])
 def test_sparsegpt_reconstructs_the_layer_output_better_than_l1_and_wanda(layer):
     model = make_model()
-    graph = graphprune.trace(copy.deepcopy(model))
+    graph = trace_once(copy.deepcopy(model))
     data = calib(96)
     batches = calibration_batches(graph, data, num_samples=96, caller="test")
     x = _inputs_of(model, batches, layer)
@@ -241,7 +241,7 @@ def test_a_committed_sparse_checkpoint_is_compact_and_reloads_bit_identically(tm
 
     torch.manual_seed(0)  # wider layers than TINY, so that the Linear weights dominate as in a real encoder
     model = tf.BertForSequenceClassification(tf.BertConfig(**{**TINY, "hidden_size": 128, "intermediate_size": 512})).eval()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     graph.save(tmp_path / "dense")
     pruned = run(graph, {"method": "l1", "sparsity": 0.5})
     committed, _ = graphprune.run_pass(pruned, "commit_masks")

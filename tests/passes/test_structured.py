@@ -12,7 +12,7 @@ import graphprune
 from graphprune.ir.masks import unmasked_weight
 from passes.structured.blocks import attention_blocks, ffn_blocks
 from passes.structured.selection import lowest_scores
-from tests.models import make_model, max_diff, padded_inputs
+from tests.models import make_model, max_diff, padded_inputs, trace_once
 
 FAMILIES = [
     "BertForSequenceClassification",
@@ -26,7 +26,7 @@ SIZES = [(1, 5), (3, 17), (4, 40)]
 
 def traced(name="BertForSequenceClassification", seed=0):
     model = make_model(name, seed)
-    graph, _ = graphprune.run_pipeline(graphprune.trace(model), [("init_metadata", {}), ("add_common_metadata", {})])
+    graph, _ = graphprune.run_pipeline(trace_once(model), [("init_metadata", {}), ("add_common_metadata", {})])
     return model, graph
 
 
@@ -89,7 +89,7 @@ def test_an_emptied_block_is_its_output_bias_plus_residual():
 
 @pytest.mark.parametrize("name", ["BertForSequenceClassification", "DistilBertForSequenceClassification", "RobertaForSequenceClassification"])
 def test_removing_layers_equals_the_eager_model_without_them(name):
-    graph = graphprune.trace(_three_layers(name))
+    graph = trace_once(_three_layers(name))
     eager = _three_layers(name)
     pruned, info = graphprune.run_pass(graph, "remove_layers", {"layers": [0, 2]})
     assert info["num_layers"] == 1
@@ -115,7 +115,7 @@ def _three_layers(name):
 
 def test_similarity_criterion_removes_the_layer_closest_to_identity():
     model = _three_layers("BertForSequenceClassification")
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     inputs = padded_inputs(model, 4, 12)
     batch = {**inputs, "labels": torch.tensor([0, 1, 0, 1])}
     with torch.no_grad():
@@ -222,7 +222,7 @@ def test_bad_requests_are_clear_errors_and_leave_the_graph_alone():
 
 @pytest.mark.parametrize("name,message", [("AlbertForSequenceClassification", "ALBERT's shared layer"), ("DebertaV2ForSequenceClassification", "DeBERTa-v2")])
 def test_unsupported_families_are_refused_clearly(name, message):
-    graph = graphprune.trace(make_model(name))
+    graph = trace_once(make_model(name))
     with pytest.raises(ValueError, match=message):
         graphprune.run_pass(graph, "remove_heads", {"heads": {0: [0]}})
 

@@ -7,7 +7,7 @@ import transformers as tf
 import graphprune
 from passes.structured.costs import head_flops, neuron_flops
 from passes.structured.structured_search import Budget, rearrange, search_counts
-from tests.models import max_diff, padded_inputs
+from tests.models import max_diff, padded_inputs, trace_once
 
 CONFIG = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
 FAST = {"progress": False, "num_samples": 64, "score_samples": 32, "reconstruct_samples": 64, "seq_len": 16}
@@ -17,7 +17,7 @@ FAST = {"progress": False, "num_samples": 64, "score_samples": 32, "reconstruct_
 def setup():
     torch.manual_seed(0)
     model = tf.BertForSequenceClassification(tf.BertConfig(**CONFIG)).eval()
-    graph = graphprune.trace(model)
+    graph = trace_once(model)
     data = [{**padded_inputs(model, 16, 12, seed=i), "labels": torch.randint(0, 2, (16,))} for i in range(4)]
     return model, graph, data
 

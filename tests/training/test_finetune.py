@@ -9,13 +9,13 @@ import graphprune
 from graphprune.training.schedule import GradualPruning, cubic_sparsity
 from graphprune.training.finetune import distillation_loss
 
-from ..models import make_model, sentiment_data, tiny_tokenizer
+from ..models import make_model, sentiment_data, tiny_tokenizer, trace_once
 
 
 @pytest.fixture
 def tiny():
     model = make_model()
-    return graphprune.trace(model), tiny_tokenizer()
+    return trace_once(model), tiny_tokenizer()
 
 
 def test_evaluate_matches_a_manual_computation(tiny):
@@ -47,7 +47,7 @@ def test_finetune_is_seeded(tiny):
     _, tokenizer = tiny
     runs = []
     for _ in range(2):
-        graph = graphprune.trace(make_model())
+        graph = trace_once(make_model())
         runs.append(graphprune.finetune(graph, sentiment_data(32), tokenizer, max_steps=4, batch_size=8, progress=False).losses)
     assert runs[0] == runs[1]
 

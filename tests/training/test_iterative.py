@@ -6,7 +6,7 @@ import graphprune
 from graphprune.ir.masks import mask_of
 from graphprune.training.iterative import step_sparsities
 
-from ..models import make_model, sentiment_data, tiny_tokenizer
+from ..models import make_model, sentiment_data, tiny_tokenizer, trace_once
 
 
 def test_step_sparsities_follow_the_cubic_schedule():
@@ -16,7 +16,7 @@ def test_step_sparsities_follow_the_cubic_schedule():
 
 
 def test_iterative_prune_reaches_the_target_and_reports_every_step():
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     tokenizer = tiny_tokenizer()
     lines = []
     result = graphprune.iterative_prune(
@@ -35,7 +35,7 @@ def test_iterative_prune_reaches_the_target_and_reports_every_step():
 
 
 def test_iterative_prune_checks_its_arguments():
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     with pytest.raises(ValueError, match="target_sparsity = 1.2"):
         graphprune.iterative_prune(graph, target_sparsity=1.2, steps=2, train_data=sentiment_data(8))
     with pytest.raises(ValueError, match="steps = 0"):

@@ -11,7 +11,7 @@ from torch.nn.utils import parametrize
 
 import graphprune
 
-from ..models import NEGATIVE, POSITIVE, make_model, sentiment_data, tiny_tokenizer
+from ..models import NEGATIVE, POSITIVE, make_model, sentiment_data, tiny_tokenizer, trace_once
 
 
 def token_examples(n: int, seed: int = 0) -> list[dict]:
@@ -37,7 +37,7 @@ def qa_examples(n: int, seed: int = 0) -> list[dict]:
 
 
 def test_token_classification_finetunes_and_evaluates_with_its_own_loss():
-    graph = graphprune.trace(make_model("BertForTokenClassification"))
+    graph = trace_once(make_model("BertForTokenClassification"))
     tokenizer = tiny_tokenizer()
     collate = tf.DataCollatorForTokenClassification(tokenizer)
     train, test = token_examples(96, seed=0), token_examples(24, seed=1)
@@ -57,7 +57,7 @@ def test_token_classification_finetunes_and_evaluates_with_its_own_loss():
 
 
 def test_question_answering_finetunes_and_evaluates_with_its_own_loss():
-    graph = graphprune.trace(make_model("BertForQuestionAnswering"))
+    graph = trace_once(make_model("BertForQuestionAnswering"))
     collate = tf.DataCollatorWithPadding(tiny_tokenizer())
     train, test = qa_examples(96, seed=0), qa_examples(24, seed=1)
     before = graphprune.evaluate(graph, test, collate_fn=collate, progress=False)
@@ -76,7 +76,7 @@ def test_question_answering_finetunes_and_evaluates_with_its_own_loss():
 
 
 def test_distillation_works_for_token_classification():
-    graph = graphprune.trace(make_model("BertForTokenClassification"))
+    graph = trace_once(make_model("BertForTokenClassification"))
     teacher = graph.copy()
     collate = tf.DataCollatorForTokenClassification(tiny_tokenizer())
     result = graphprune.finetune(graph, token_examples(32), teacher=teacher, kd_weight=1.0, collate_fn=collate, max_steps=3, batch_size=8, progress=False)
@@ -88,7 +88,7 @@ def test_hf_trainer_trains_graph_module_exactly_like_the_model(tmp_path):
     data = sentiment_data(64)
     examples = [dict(tokenizer(t, truncation=True, max_length=16), labels=label) for t, label in zip(data.texts, data.labels)]
     model = make_model()
-    graph = graphprune.trace(copy.deepcopy(model))
+    graph = trace_once(copy.deepcopy(model))
     histories = []
     for module in (graph.module, model):
         args = tf.TrainingArguments(
@@ -112,7 +112,7 @@ class SnapToGrid(nn.Module):
 
 
 def test_finetune_and_evaluate_keep_working_with_masks_and_fake_quantizers():
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     tokenizer = tiny_tokenizer()
     up = graph.module.get_submodule("bert.encoder.layer.0.intermediate.dense")
     down = graph.module.get_submodule("bert.encoder.layer.0.output.dense")
@@ -130,7 +130,7 @@ def test_finetune_and_evaluate_keep_working_with_masks_and_fake_quantizers():
 
 
 def test_graphs_without_a_task_loss_are_refused_clearly():
-    graph = graphprune.trace(make_model("BertModel"))
+    graph = trace_once(make_model("BertModel"))
     with pytest.raises(ValueError, match="needs a graph traced from a HF task head.*BertModel has no loss"):
         graphprune.evaluate(graph, sentiment_data(8), tiny_tokenizer(), progress=False)
     with pytest.raises(ValueError, match="finetune needs a graph traced from a HF task head"):
@@ -138,7 +138,7 @@ def test_graphs_without_a_task_loss_are_refused_clearly():
 
 
 def test_examples_without_targets_are_refused_clearly():
-    graph = graphprune.trace(make_model())
+    graph = trace_once(make_model())
     examples = [{"input_ids": [2, 8, 9, 3]} for _ in range(4)]
     with pytest.raises(ValueError, match="carry no labels"):
         graphprune.evaluate(graph, examples, tiny_tokenizer(), progress=False)
