@@ -123,6 +123,10 @@ def _refresh_some(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
     wanted = set(nodes)
     prop = FakeTensorProp(gm, mode)
     prop.env = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta and n not in wanted}
+    # Encoder layers repeat: after an even edit most recomputed nodes see the same input
+    # shapes as one already done. Building a fake output with symbolic strides costs
+    # milliseconds even on a fake-mode cache hit, so equal computations share one value.
+    done: dict[tuple, object] = {}
     allowed = mode.allow_non_fake_inputs
     mode.allow_non_fake_inputs = True  # the modules' real parameters meet fake inputs
     try:
@@ -130,15 +134,69 @@ def _refresh_some(gm: fx.GraphModule, nodes: list[fx.Node]) -> bool:
             for node in gm.graph.nodes:
                 if node not in wanted:
                     continue
-                module = gm.get_submodule(node.target) if node.op == "call_module" else None
-                if isinstance(module, torch.nn.Linear):
-                    # its output is its input with out_features last: no need to push the real
-                    # weight through fake mode (converting it costs tens of ms per call)
-                    x = prop.env[node.args[0]]
-                    node.meta["val"] = x.new_empty((*x.shape[:-1], module.out_features))
-                    prop.env[node] = node.meta["val"]
+                signature = _signature(gm, node, prop.env)
+                if signature is not None and signature in done:
+                    value = done[signature]
                 else:
-                    prop.env[node] = prop.run_node(node)
+                    value = _fake_run(gm, node, prop)
+                    if signature is not None:
+                        done[signature] = value
+                node.meta["val"] = prop.env[node] = value
     finally:
         mode.allow_non_fake_inputs = allowed
     return True
+
+
+def _fake_run(gm: fx.GraphModule, node: fx.Node, prop: FakeTensorProp):
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if isinstance(module, torch.nn.Linear):
+        # its output is its input with out_features last: no need to push the real
+        # weight through fake mode (converting it costs tens of ms per call)
+        x = prop.env[node.args[0]]
+        return x.new_empty((*x.shape[:-1], module.out_features))
+    return prop.run_node(node)
+
+
+# modules whose output shape follows from their inputs' shapes alone
+_SHAPE_ONLY_MODULES = ("Dropout", "AttentionCore", "GELU", "ReLU", "Tanh", "Identity")
+
+
+def _signature(gm: fx.GraphModule, node: fx.Node, env: dict) -> tuple | None:
+    """A hashable description of what ``node`` computes, from its inputs' shapes; None if unsure."""
+    if node.op == "call_function":
+        what = node.target
+    elif node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        name = type(module).__name__
+        if isinstance(module, torch.nn.Linear):
+            what = ("Linear", module.out_features)
+        elif name in _SHAPE_ONLY_MODULES:
+            what = (name,)
+        else:
+            return None
+    else:
+        return None
+    try:
+        return (node.op, what, _described(node.args, env), _described(tuple(sorted(node.kwargs.items())), env))
+    except TypeError:  # something unhashable
+        return None
+
+
+def _described(value, env):
+    if isinstance(value, fx.Node):
+        val = env.get(value)
+        if isinstance(val, torch.Tensor):
+            return ("tensor", tuple(_expr(s) for s in val.shape), tuple(_expr(s) for s in val.stride()), val.dtype, _expr(val.storage_offset()))
+        if isinstance(val, torch.SymInt | int):
+            return ("int", _expr(val))
+        raise TypeError("not described")
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_described(v, env) for v in value))
+    if isinstance(value, torch.SymInt):
+        return ("int", _expr(value))
+    hash(value)
+    return value
+
+
+def _expr(size):
+    return size.node.expr if isinstance(size, torch.SymInt) else size

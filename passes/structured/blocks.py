@@ -165,21 +165,29 @@ def _replace_linear(gm: fx.GraphModule, target: str, rows: torch.Tensor | None, 
     mask = mask_of(old)
     if torch.nn.utils.parametrize.is_parametrized(old) and (mask is None or len(old.parametrizations["weight"]) != 1):
         raise StructureError(f"{target} carries parametrizations other than a graphprune mask; commit or remove them first")
-    index = (rows if rows is not None else slice(None), cols if cols is not None else slice(None))
-    new_weight = weight[index[0]][:, index[1]]
+    new_weight = _take(_take(weight, 0, rows), 1, cols)
     with warnings.catch_warnings():  # an emptied block's Linear has no inputs: nothing to initialise, nothing to warn about
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")
         new = nn.Linear(new_weight.shape[1], new_weight.shape[0], bias=old.bias is not None, device="meta", dtype=weight.dtype)
-    new = new.to_empty(device=weight.device)
-    with torch.no_grad():
-        new.weight.copy_(new_weight)
-        if old.bias is not None:
-            new.bias.copy_(old.bias.detach()[index[0]])
+    # the sliced tensors are fresh copies already: adopt them rather than copy them again
+    new.weight = nn.Parameter(new_weight.contiguous(), requires_grad=_requires_grad(old, "weight"))
+    if old.bias is not None:
+        new.bias = nn.Parameter(_take(old.bias.detach(), 0, rows).contiguous(), requires_grad=_requires_grad(old, "bias"))
     new.train(old.training)
     if mask is not None:
-        set_mask(new, mask.mask[index[0]][:, index[1]], movement=hasattr(mask, "scores"))
+        set_mask(new, _take(_take(mask.mask, 0, rows), 1, cols), movement=hasattr(mask, "scores"))
     parent, _, name = target.rpartition(".")
     setattr(gm.get_submodule(parent), name, new)
+
+
+def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor | None) -> torch.Tensor:
+    return tensor if index is None else tensor.index_select(dim, index)
+
+
+def _requires_grad(module: nn.Module, name: str) -> bool:
+    if torch.nn.utils.parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original.requires_grad
+    return getattr(module, name).requires_grad
 
 
 def _empty_input(gm: fx.GraphModule, consumer: fx.Node, like: fx.Node) -> fx.Node:

@@ -31,10 +31,10 @@ def l1_head_scores(graph, blocks: list[AttentionBlock]) -> list[torch.Tensor]:
     for block in blocks:
         total = torch.zeros(block.heads)
         for source in block.qkv:
-            w = gm.get_submodule(source.target).weight.detach().abs().float()
-            total += w.reshape(block.heads, -1).sum(1).cpu()
-        w = gm.get_submodule(block.out.target).weight.detach().abs().float()
-        total += w.reshape(w.shape[0], block.heads, block.head_size).sum((0, 2)).cpu()
+            w = gm.get_submodule(source.target).weight.detach()
+            total += _l1(w.reshape(block.heads, -1), 1)
+        w = gm.get_submodule(block.out.target).weight.detach()
+        total += _l1(w.reshape(w.shape[0], block.heads, block.head_size), (0, 2))
         out.append(total)
     return out
 
@@ -42,10 +42,12 @@ def l1_head_scores(graph, blocks: list[AttentionBlock]) -> list[torch.Tensor]:
 def l1_neuron_scores(graph, blocks: list[FfnBlock]) -> list[torch.Tensor]:
     """Per layer, each neuron's L1 norm over its up-projection row and down-projection column."""
     gm = graph.module
-    return [
-        (gm.get_submodule(b.up.target).weight.detach().abs().sum(1) + gm.get_submodule(b.down.target).weight.detach().abs().sum(0)).float().cpu()
-        for b in blocks
-    ]
+    return [_l1(gm.get_submodule(b.up.target).weight.detach(), 1) + _l1(gm.get_submodule(b.down.target).weight.detach(), 0) for b in blocks]
+
+
+def _l1(w: torch.Tensor, dim) -> torch.Tensor:
+    # one fused reduction: abs().sum() would first write a copy of the whole weight
+    return torch.linalg.vector_norm(w.float(), ord=1, dim=dim).cpu()
 
 
 def task_loss(outputs, batch) -> list[torch.Tensor]:

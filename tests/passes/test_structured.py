@@ -276,3 +276,19 @@ def test_analyze_heads_against_eager_attention_and_zeroed_columns(tmp_path):
             assert meta["loss_increase"][layer][head] == pytest.approx(float(out.loss - base.loss), abs=1e-5)
     assert all(abs(float(torch.tensor(row).norm()) - 1) < 1e-5 for row in meta["importance"])
     assert "accuracy drop when masked alone" in info["table"] and (tmp_path / "heads.png").stat().st_size > 1000
+
+
+def test_shapes_refreshed_after_surgery_equal_a_full_propagation():
+    """Only the edited nodes' shapes are recomputed (shared between equal layers): they must be what a full pass gives."""
+    from graphprune.ir.shapes import dim_names, refresh_shapes, shape_list
+
+    _, graph = traced()
+    graph, _ = graphprune.run_pass(graph, "remove_heads", {"heads": {0: [1, 2], 1: [1, 3]}})  # equal widths: shared values
+    graph, _ = graphprune.run_pass(graph, "remove_ffn_neurons", {"neurons": {0: [0, 5, 9]}})  # uneven widths
+    gm = graph.module
+    names = dim_names(gm)
+    incremental = {n.name: shape_list(n.meta["val"], names) for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+    refresh_shapes(gm)
+    names = dim_names(gm)
+    full = {n.name: shape_list(n.meta["val"], names) for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
+    assert incremental == full
