@@ -6,4 +6,4 @@ finds this package through the ``graphprune.passes`` entry point and never impor
 it by name.
 """
 
-from . import analysis, pruning, structured  # noqa: F401  (registration)
+from . import analysis, pruning, quantization, structured  # noqa: F401  (registration)

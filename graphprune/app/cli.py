@@ -56,10 +56,22 @@ def _cmd_info(args) -> int:
             f"({totals['weight_sparsity']:.2%}); {totals['activation_pruned_layers']} Linear inputs pruned at run time"
             + ("; masks not committed" if totals.get("masked") else "")
         )
+    quantize = graph.meta.get("quantize")
+    if quantize:
+        totals = quantize["totals"]
+        print(
+            f"quantization: {totals['quantized_nodes']} nodes in {', '.join(totals['formats']) or 'no format'}; "
+            f"average bits per weight {_bits(totals['weight_bits'])}, per activation {_bits(totals['activation_bits'])} "
+            f"(one example of {totals['seq_len']} tokens; unquantized float32 counts 32)"
+        )
     for key, value in graph.meta.items():
-        if key not in ("common", "sparsity"):
+        if key not in ("common", "sparsity", "quantize"):
             print(f"{key}: {value}")
     return 0
+
+
+def _bits(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _cmd_eval(args) -> int:

@@ -87,6 +87,7 @@ def summarize(graph, *, seq_len: int | None = None, batch_size: int | None = Non
     summary.totals = {"params": meta["totals"]["params"], "flops": flops(meta["totals"])}
     summary.rows.append({"layer": "total", **summary.totals})
     _add_sparsity(summary, graph.meta.get("sparsity"))
+    _add_quantization(summary, graph.meta.get("quantize"))
     return summary
 
 
@@ -104,3 +105,25 @@ def _add_sparsity(summary: Summary, sparsity: dict | None) -> None:
             row["weight_sparsity"] = round(found["weight_sparsity"], 4)
             row["act_sparsity"] = round(found["activation_sparsity"], 4)
     summary.rows[-1]["weight_sparsity"] = round(sparsity["totals"]["weight_sparsity"], 4)
+
+
+def _add_quantization(summary: Summary, quantize: dict | None) -> None:
+    """Format and average-bits columns, when the ``quantize`` pass (or ``add_quantization_metadata``) recorded them."""
+    if not quantize or "totals" not in quantize:
+        return
+    summary.columns += ["quant", "w_bits", "act_bits"]
+    by_layer = {str(row["index"]): row for row in quantize["layers"]}
+    for name in ("embeddings", "head"):
+        if quantize.get(name):
+            by_layer[name] = quantize[name]
+    by_layer["total"] = quantize["totals"]
+    for row in summary.rows:
+        found = by_layer.get(row["layer"])
+        if found is not None:
+            row["quant"] = "+".join(found["formats"]) or None
+            row["w_bits"] = _round(found["weight_bits"])
+            row["act_bits"] = _round(found["activation_bits"])
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
