@@ -78,6 +78,22 @@ def _fingerprint(model) -> str:
     return digest.hexdigest()
 
 
+def widened_model(seed: int, layer_norms: bool = False):
+    """The tiny BERT with Linear weights times 5 and random biases (and LayerNorm affines near 1 with
+    ``layer_norms``): ranges wide enough for quantization widths to matter. ``seed`` draws the new values."""
+    model = make_model()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(5.0)
+                module.bias.copy_(0.1 * torch.randn_like(module.bias))
+            elif layer_norms and isinstance(module, torch.nn.LayerNorm):
+                module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
+                module.bias.copy_(0.1 * torch.randn_like(module.bias))
+    return model
+
+
 def padded_inputs(model, batch_size: int, seq_len: int, seed: int = 1) -> dict[str, torch.Tensor]:
     """Inputs of a size other than the traced one, with padding in the mask."""
     torch.manual_seed(seed)

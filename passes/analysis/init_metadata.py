@@ -6,7 +6,7 @@ from torch import fx
 
 import graphprune
 from graphprune.ir.lifting import owner_path
-from graphprune.ir.metadata import COMMON, key
+from graphprune.ir.metadata import COMMON, common, key
 
 from .roles import layer_keys, node_kind, node_role
 
@@ -37,6 +37,19 @@ def init_node_metadata(graph) -> None:
             "role": node_role(node, module, layer),
             "layer": layer,
         }
+
+
+def nodes_by_section(graph):
+    """``(node, section)`` in graph order: the node's encoder layer, else ``"embeddings"``
+    before the first layer and ``"head"`` after it (identity metadata written first if missing)."""
+    gm = graph.module
+    if any("role" not in common(n) for n in gm.graph.nodes):
+        init_node_metadata(graph)
+    in_layers = False
+    for node in gm.graph.nodes:
+        layer = common(node).get("layer")
+        in_layers |= layer is not None
+        yield node, layer if layer is not None else ("head" if in_layers else "embeddings")
 
 
 @graphprune.register_pass("init_metadata", kind="analysis")

@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 import graphprune
 from graphprune.ir.fx_utils import fetch_attr
-from graphprune.ir.metadata import COMMON, common, evaluate, key
+from graphprune.ir.metadata import COMMON, evaluate, key
 from graphprune.ir.shapes import dim_names, shape_list
 
 from .quantizers import (
@@ -37,7 +37,7 @@ from .quantizers import (
     op_type,
     tensor_quantizer,
 )
-from ..analysis.init_metadata import init_node_metadata
+from ..analysis.init_metadata import nodes_by_section
 
 DEFAULT_SEQ_LEN = 128
 QUANTIZE = key("quantize")
@@ -80,14 +80,11 @@ class _Tally:
 def record_quantization(graph) -> dict:
     """Write ``graph.meta["quantize"]`` (see the module docstring) and return it."""
     gm = graph.module
-    if any("role" not in common(n) for n in gm.graph.nodes):
-        init_node_metadata(graph)
     seq = (graph.meta.get(COMMON) or {}).get("seq_len") or DEFAULT_SEQ_LEN
     names = dim_names(gm)
     inserted = inserted_quantizers(gm)
     rows: dict[object, _Tally] = {}
     seen: set[int] = set()
-    in_layers = False
 
     def dims(node) -> list[int] | None:
         val = node.meta.get("val") if isinstance(node, fx.Node) else None
@@ -99,10 +96,8 @@ def record_quantization(graph) -> dict:
         shape = dims(node)
         return math.prod(shape) if shape is not None else 0
 
-    for node in gm.graph.nodes:
-        layer = common(node).get("layer")
-        in_layers |= layer is not None
-        tally = rows.setdefault(layer if layer is not None else ("head" if in_layers else "embeddings"), _Tally())
+    for node, section in nodes_by_section(graph):
+        tally = rows.setdefault(section, _Tally())
         if node.op == "call_module":
             for tensor, bits in _tensors(gm.get_submodule(node.target)):
                 if id(tensor) not in seen:  # tied and shared weights count once

@@ -92,8 +92,7 @@ def quantize_integer(
     v = _work(x)
     if frac_width == "auto":
         if per_channel:
-            rows = v.abs().reshape(v.shape[0], -1).amax(dim=1) if v.numel() else v.new_zeros(v.shape[0])
-            f = fitting_frac_width(rows, width, floor).reshape(-1, *[1] * (v.dim() - 1))
+            f = row_frac_widths(v, width, floor).reshape(-1, *[1] * (v.dim() - 1))
         else:
             f = fitting_frac_width(tensor_range(v, range), width, floor)
         scale = torch.exp2(f.to(v.dtype))  # powers of two: exact in the working dtype
@@ -125,6 +124,12 @@ def fitting_frac_width(maxabs: Tensor | float, width: int, floor: bool = False) 
     top = torch.floor(scaled) if floor else torch.round(scaled)
     f = torch.where(top > 2 ** (width - 1) - 1, f - 1, f)
     return torch.where(m > 0, f, torch.full_like(f, width - 1))
+
+
+def row_frac_widths(v: Tensor, width: int, floor: bool = False) -> Tensor:
+    """:func:`fitting_frac_width` of each slice along dim 0 (a weight's output row), from its max |v|."""
+    rows = v.abs().reshape(v.shape[0], -1).amax(dim=1) if v.numel() else v.new_zeros(v.shape[0])
+    return fitting_frac_width(rows, width, floor)
 
 
 def tensor_range(v: Tensor, range: str = "max", percentiles=RANGE_PERCENTILES) -> Tensor:  # noqa: A002

@@ -52,6 +52,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -66,13 +67,22 @@ from tqdm.auto import tqdm
 import graphprune
 from graphprune.infra.config import ConfigError, check_choice, check_range
 from graphprune.ir.calls import model_call_of
-from graphprune.ir.metadata import common, key
+from graphprune.ir.metadata import key
 from graphprune.ir.shapes import dim_names, shape_list
 from graphprune.training.calibration import CalibrationData, calibration_batches, model_inputs
 
 from .formats import RANGE_PERCENTILES, quantiles
-from .quantizers import ACTIVATION_PRUNE, INSERTED, QuantizedAttentionCore, Quantizer, data_inputs, op_type
-from ..analysis.init_metadata import init_node_metadata
+from .quantizers import (
+    ACTIVATION_PRUNE,
+    INSERTED,
+    QuantizedAttentionCore,
+    Quantizer,
+    attention_probs,
+    data_inputs,
+    is_float,
+    op_type,
+)
+from ..analysis.init_metadata import nodes_by_section
 
 NAME = "profile_statistics"
 STATISTICS = key("statistics")
@@ -158,8 +168,7 @@ class _Running:
             "sample": len(self.sample) if self.sample is not None else 0,
         }
         if percentiles and self.sample is not None and len(self.sample):
-            values = quantiles(self.sample, [p / 100 for p in percentiles]).tolist()
-            out["percentiles"] = {percentile_key(p): float(q) for p, q in zip(percentiles, values)}
+            out["percentiles"] = _percentiles(self.sample, percentiles)
         return out
 
 
@@ -170,9 +179,13 @@ def tensor_statistics(x: torch.Tensor, percentiles=RANGE_PERCENTILES) -> dict:
     out = run.record(())
     out["sample"] = out["count"]
     if percentiles and x.numel():
-        values = quantiles(x, [p / 100 for p in percentiles]).tolist()
-        out["percentiles"] = {percentile_key(p): float(q) for p, q in zip(percentiles, values)}
+        out["percentiles"] = _percentiles(x, percentiles)
     return out
+
+
+def _percentiles(values: torch.Tensor, percentiles) -> dict[str, float]:
+    found = quantiles(values, [p / 100 for p in percentiles]).tolist()
+    return {percentile_key(p): float(q) for p, q in zip(percentiles, found)}
 
 
 def float_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -229,7 +242,7 @@ def profile_statistics(graph, config: ProfileStatisticsConfig, data=None):
                     name: tensor_statistics(t, config.percentiles)
                     for name in ("weight", "bias") if (t := float_tensor(module, name)) is not None
                 }
-            records.setdefault(node, {}).update(_deep(weights[id(module)]))  # each node its own copy
+            records.setdefault(node, {}).update(copy.deepcopy(weights[id(module)]))  # each node its own copy
         if config.nodes == "weights":
             continue
         if op == "matmul" and node.op == "call_module":
@@ -239,7 +252,7 @@ def profile_statistics(graph, config: ProfileStatisticsConfig, data=None):
         elif op is not None:
             for index, _ in data_inputs(node, op):
                 watch.setdefault(measured_input(node, index), []).append((node, f"data_in_{index}"))
-        if config.nodes == "all" and node.op != "output" and _is_float(node):
+        if config.nodes == "all" and node.op != "output" and is_float(node):
             watch.setdefault(node, []).append((node, "data_out_0"))
 
     info = {"tensors": 0, "num_samples": 0, "tokens": None}
@@ -265,15 +278,6 @@ def profile_statistics(graph, config: ProfileStatisticsConfig, data=None):
     info["table"] = statistics_table(graph)
     info["seconds"] = round(time.perf_counter() - start, 3)
     return graph, info
-
-
-def _deep(value):
-    return {k: _deep(v) for k, v in value.items()} if isinstance(value, dict) else value
-
-
-def _is_float(node: fx.Node) -> bool:
-    val = node.meta.get("val")
-    return isinstance(val, torch.Tensor) and val.is_floating_point()
 
 
 class _Recorder(fx.Interpreter):
@@ -373,14 +377,7 @@ def _attention_probs(core: nn.Module, query, key_, mask) -> torch.Tensor:
     """softmax(q k^T * scale + mask) as the attention module computes it in eval mode (no dropout)."""
     if isinstance(core, QuantizedAttentionCore):
         query, key_ = core.query_quantizer(query), core.key_quantizer(key_)
-    scale = core.scale if getattr(core, "scale", None) is not None else 1.0 / math.sqrt(query.size(-1))
-    scores = torch.matmul(query, key_.transpose(-2, -1)) * scale
-    if getattr(core, "is_causal", False):
-        causal = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~causal, float("-inf"))
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    return torch.softmax(scores, dim=-1)
+    return attention_probs(query, key_, getattr(core, "scale", None), getattr(core, "is_causal", False), mask)
 
 
 # ---- the table ------------------------------------------------------------------------
@@ -390,18 +387,12 @@ KINDS = ("weight", "bias", "data_in", "query", "key", "value", "probs", "data_ou
 
 def statistics_table(graph) -> str:
     """Max |value| per layer (embeddings, 0, 1, ..., head) and tensor kind, over the recorded tensors."""
-    gm = graph.module
-    if any("role" not in common(n) for n in gm.graph.nodes):
-        init_node_metadata(graph)
     rows: dict[object, dict[str, float]] = {}
-    in_layers = False
-    for node in gm.graph.nodes:
-        layer = common(node).get("layer")
-        in_layers |= layer is not None
+    for node, section in nodes_by_section(graph):
         record = node.meta.get(STATISTICS)
         if not record:
             continue
-        row = rows.setdefault(layer if layer is not None else ("head" if in_layers else "embeddings"), {})
+        row = rows.setdefault(section, {})
         for operand, stats in record.items():
             kind = operand.rsplit("_", 1)[0] if operand.startswith(("data_in_", "data_out_")) else operand
             row[kind] = max(row.get(kind, 0.0), abs(stats["min"]), abs(stats["max"]))

@@ -63,7 +63,7 @@ from graphprune.ir.modules import AttentionCore
 from graphprune.ir.shapes import refresh_shapes
 
 from .add_quantization_metadata import record_quantization
-from .formats import FORMATS, RANGE_PERCENTILES, fitting_frac_width, format_keys, tensor_range
+from .formats import FORMATS, RANGE_PERCENTILES, fitting_frac_width, format_keys, row_frac_widths, tensor_range
 from .profile_statistics import STATISTICS, float_tensor
 from .quantizers import (
     ACTIVATION_PRUNE,
@@ -297,12 +297,11 @@ def _fit_frac_widths(graph, node, op, module, selected_by, entry, quantizers: di
             if operand != "weight" or op != "linear":
                 raise ConfigError(f"{where}.{q.prefix}_per_channel", True, f"false for the {operand} of {op} node {node.name!r}: "
                                   "per-channel scales are for Linear weights (one per output row)")
-            rows = tensor.abs().reshape(tensor.shape[0], -1).amax(dim=1)
-            fitted[operand] = fitting_frac_width(rows, keys["width"], keys["floor"]).tolist()
+            fitted[operand] = row_frac_widths(tensor, keys["width"], keys["floor"]).tolist()
             continue
         if tensor is not None:
             percentiles = (graph.meta.get("statistics") or {}).get("percentiles") or RANGE_PERCENTILES
-            maxabs = float(tensor_range(tensor, keys["range"], percentiles)) if tensor.numel() else 0.0
+            maxabs = float(tensor_range(tensor, keys["range"], percentiles))
         elif node.op == "call_module" and op == "matmul":
             # the attention module's own quantizers serve every node that calls it (ALBERT's shared
             # layer): fitted to the widest of their ranges (inserted input quantizers are per node)
@@ -399,7 +398,7 @@ def quantize(graph, config: QuantizeConfig):
             stripped.add(node.target)
             module = gm.get_submodule(node.target)
             if isinstance(module, AttentionCore):
-                _set_submodule(gm, node.target, QuantizedAttentionCore.replacing(module, plan.quantizers))
+                gm.set_submodule(node.target, QuantizedAttentionCore.replacing(module, plan.quantizers))
             else:
                 remove_tensor_quantizers(module)
                 for tensor_name in ("weight", "bias"):
@@ -408,7 +407,7 @@ def quantize(graph, config: QuantizeConfig):
         for index, _ in data_inputs(node, plan.op):
             old = existing.pop(index, None)
             if old is not None:  # an earlier run's quantizer node: keep the node, swap its format
-                _set_submodule(gm, old.target, plan.quantizers[f"data_in_{index}"])
+                gm.set_submodule(old.target, plan.quantizers[f"data_in_{index}"])
             else:
                 new_nodes.append(_insert(gm, node, index, plan.quantizers[f"data_in_{index}"]))
         for old in existing.values():
@@ -480,8 +479,3 @@ def _remove_inserted(gm: fx.GraphModule, q: fx.Node) -> None:
     q.replace_all_uses_with(q.args[0])
     gm.graph.erase_node(q)
     gm.delete_submodule(q.target)
-
-
-def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(gm.get_submodule(parent) if parent else gm, name, module)

@@ -25,12 +25,12 @@ import graphprune
 from graphprune.ir.metadata import key
 from graphprune.ir.modules import AttentionCore
 
+from ..pruning.prune_activation import MARK as ACTIVATION_PRUNE  # on the nodes prune_activation inserts
 from .formats import average_bits, quantizer
 
 aten = torch.ops.aten
 
 INSERTED = key("quantizer")  # on inserted quantizer nodes: {"feeds": node name, "operand": "data_in_0"}
-ACTIVATION_PRUNE = key("activation_prune")  # prune_activation's mark on the nodes it inserts
 
 OP_TYPES = ("linear", "matmul", "bmm", "add", "mul", "sub", "relu", "gelu", "tanh", "layer_norm")
 _FUNCTIONS = {
@@ -99,21 +99,25 @@ class QuantizedAttentionCore(AttentionCore):
         return cls(core.dropout_p, core.scale, core.is_causal, quantizers).train(core.training)  # dropout as before
 
     def forward(self, query, key, value, attn_mask=None):
-        q, k = self.query_quantizer(query), self.key_quantizer(key)
-        scale = self.scale if self.scale is not None else 1.0 / math.sqrt(q.size(-1))
-        scores = torch.matmul(q, k.transpose(-2, -1)) * scale
-        if self.is_causal:
-            causal = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
-            scores = scores.masked_fill(~causal, float("-inf"))
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:  # SDPA's meaning: True takes part in attention
-                scores = scores.masked_fill(~attn_mask, float("-inf"))
-            else:
-                scores = scores + attn_mask
-        probs = torch.softmax(scores, dim=-1)
+        probs = attention_probs(self.query_quantizer(query), self.key_quantizer(key), self.scale, self.is_causal, attn_mask)
         if self.training and self.dropout_p > 0:
             probs = F.dropout(probs, self.dropout_p)
         return torch.matmul(self.probs_quantizer(probs), self.value_quantizer(value))
+
+
+def attention_probs(query, key, scale: float | None, is_causal: bool, attn_mask=None) -> torch.Tensor:
+    """softmax(q k^T * scale + mask), as ``scaled_dot_product_attention`` computes it before dropout."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(query.size(-1))
+    scores = torch.matmul(query, key.transpose(-2, -1)) * scale
+    if is_causal:
+        causal = torch.ones(scores.shape[-2], scores.shape[-1], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:  # SDPA's meaning: True takes part in attention
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return torch.softmax(scores, dim=-1)
 
 
 def _quantizer_from_config(c: dict) -> Quantizer:
@@ -200,7 +204,7 @@ def op_type(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return None
     op = _FUNCTIONS[node.target]
     inputs = data_inputs(node, op)
-    if not inputs or not all(_is_float(a) for _, a in inputs):
+    if not inputs or not all(is_float(a) for _, a in inputs):
         return None
     return op
 
@@ -219,7 +223,7 @@ def input_prefix(op: str, index: int) -> str:
     return "weight" if op in ("matmul", "bmm") and index == 1 else "data_in"
 
 
-def _is_float(node: fx.Node) -> bool:
+def is_float(node: fx.Node) -> bool:
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and val.is_floating_point()
 

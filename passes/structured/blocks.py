@@ -161,7 +161,8 @@ def ffn_blocks(graph, pass_name: str) -> list[FfnBlock]:
 def _replace_linear(gm: fx.GraphModule, target: str, rows: torch.Tensor | None, cols: torch.Tensor | None) -> None:
     """Swap the Linear at ``target`` for one keeping only ``rows`` (outputs) and ``cols`` (inputs), masks included."""
     old = gm.get_submodule(target)
-    weight = unmasked_weight(old).detach()
+    original = unmasked_weight(old)
+    weight = original.detach()
     mask = mask_of(old)
     if torch.nn.utils.parametrize.is_parametrized(old) and (mask is None or len(old.parametrizations["weight"]) != 1):
         raise StructureError(f"{target} carries parametrizations other than a graphprune mask; commit or remove them first")
@@ -170,24 +171,17 @@ def _replace_linear(gm: fx.GraphModule, target: str, rows: torch.Tensor | None, 
         warnings.filterwarnings("ignore", "Initializing zero-element tensors")
         new = nn.Linear(new_weight.shape[1], new_weight.shape[0], bias=old.bias is not None, device="meta", dtype=weight.dtype)
     # the sliced tensors are fresh copies already: adopt them rather than copy them again
-    new.weight = nn.Parameter(new_weight.contiguous(), requires_grad=_requires_grad(old, "weight"))
+    new.weight = nn.Parameter(new_weight.contiguous(), requires_grad=original.requires_grad)
     if old.bias is not None:
-        new.bias = nn.Parameter(_take(old.bias.detach(), 0, rows).contiguous(), requires_grad=_requires_grad(old, "bias"))
+        new.bias = nn.Parameter(_take(old.bias.detach(), 0, rows).contiguous(), requires_grad=unmasked_weight(old, "bias").requires_grad)
     new.train(old.training)
     if mask is not None:
         set_mask(new, _take(_take(mask.mask, 0, rows), 1, cols), movement=hasattr(mask, "scores"))
-    parent, _, name = target.rpartition(".")
-    setattr(gm.get_submodule(parent), name, new)
+    gm.set_submodule(target, new)
 
 
 def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor | None) -> torch.Tensor:
     return tensor if index is None else tensor.index_select(dim, index)
-
-
-def _requires_grad(module: nn.Module, name: str) -> bool:
-    if torch.nn.utils.parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original.requires_grad
-    return getattr(module, name).requires_grad
 
 
 def _empty_input(gm: fx.GraphModule, consumer: fx.Node, like: fx.Node) -> fx.Node:

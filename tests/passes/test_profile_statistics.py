@@ -16,7 +16,7 @@ from graphprune.training.calibration import CalibrationData
 from passes.quantization.formats import quantizer
 from passes.quantization.quantizers import Quantizer
 
-from ..models import make_model, max_diff, sentiment_data, tiny_tokenizer, trace_once
+from ..models import make_model, max_diff, sentiment_data, tiny_tokenizer, trace_once, widened_model
 
 STATS = "graphprune.statistics"
 QUERY = "bert.encoder.layer.0.attention.self.query"
@@ -62,14 +62,7 @@ def make_batches(extra_padding=0):
 @pytest.fixture(scope="module")
 def model():
     """The tiny BERT with weights and biases spread widely enough for frac widths to differ."""
-    model = make_model()
-    torch.manual_seed(7)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.mul_(5.0)
-                module.bias.copy_(0.1 * torch.randn_like(module.bias))
-    return model
+    return widened_model(7)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from graphprune.ir.masks import WeightMask, mask_of
 from graphprune.ir.modules import AttentionCore
 from passes.quantization.quantizers import QuantizedAttentionCore, Quantizer
 
-from ..models import make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once
+from ..models import max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once, widened_model
 
 
 def int_q(x, width, frac):
@@ -57,17 +57,7 @@ MASE_TUTORIAL = {  # MASE tutorial 3, as written
 @pytest.fixture(scope="module")
 def model():
     """The tiny BERT with weights large enough for 4-7 fraction bits to matter, and non-zero biases."""
-    model = make_model()
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.mul_(5.0)
-                module.bias.copy_(0.1 * torch.randn_like(module.bias))
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
-                module.bias.copy_(0.1 * torch.randn_like(module.bias))
-    return model
+    return widened_model(5, layer_norms=True)
 
 
 @pytest.fixture(scope="module")
