@@ -14,6 +14,7 @@ from .checkpoint import read_checkpoint, write_checkpoint
 from .fx_utils import quiet_deepcopy
 from .masks import masked_tensor_copies
 from .metadata import our_keys
+from .runtime import apply_runtime, forget_compilation, inference_only
 from .summary import Summary, summarize
 
 
@@ -54,12 +55,18 @@ class Graph:
         self.meta = meta or {}
         self.history = history or []
         self.edits = edits or []
+        apply_runtime(self)  # a lowered graph runs compiled
 
     # -- running ------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "Graph":
+        if mode and inference_only(self):
+            raise RuntimeError(
+                "this graph was lowered to integer/bf16 kernels for inference and cannot be trained; "
+                "fine-tune (or run quantization-aware training) before the 'lower' pass"
+            )
         self.module.train(mode)
         return self
 
@@ -121,6 +128,7 @@ class Graph:
                 memo[id(tensor)] = tensor
         memo.update(masked_tensor_copies(self.module))
         module = quiet_deepcopy(self.module, memo)
+        forget_compilation(module)  # the copy compiles its own call (Graph.__init__)
         # fx copies node.meta shallowly; our namespaces must not be shared.
         old_nodes = {n.name: n for n in self.module.graph.nodes}
         for node in module.graph.nodes:

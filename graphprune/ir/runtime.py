@@ -1,0 +1,55 @@
+"""How a graph runs: eagerly (the default), or compiled for inference after lowering.
+
+A lowered graph (the ``lower`` pass) holds integer or bf16 operations that only
+become fast kernels under ``torch.compile`` (inductor). Which compilation it needs is
+recorded in ``graph.meta["runtime"]`` (JSON, so checkpoints carry it), and
+:func:`apply_runtime` compiles ``graph.module`` in place whenever a ``Graph`` is made:
+after the pass, after ``graph.copy()`` and after ``graphprune.load``. The module stays
+the same ``GraphModule`` (``nn.Module.compile``), so its code, nodes and tensors are
+still there to read and save.
+
+Inductor's ``freezing`` (weights folded as constants, int8 weights prepacked for
+oneDNN) is what makes the int8 graphs fast; torch reads it only from its global
+config (passing it in ``torch.compile(options=...)`` fails for the quantized ops), so
+compiling a lowered graph turns it on for the process. It affects only later
+compilations of modules in inference mode, where it is torch's recommended setting.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+RUNTIME = "runtime"
+
+
+def compile_module(module: nn.Module, *, freezing: bool = True, no_grad: bool = False) -> None:
+    """Compile ``module``'s calls in place with dynamic batch and sequence sizes.
+
+    As ``module.compile(dynamic=True)``; with ``no_grad`` every call also runs without
+    gradients (kernels of a lowered graph have none, and freezing applies only there).
+    """
+    import torch._inductor.config as inductor_config
+
+    if freezing:
+        inductor_config.freezing = True
+    compiled = torch.compile(module._call_impl, dynamic=True)
+    module._compiled_call_impl = torch.no_grad()(compiled) if no_grad else compiled
+
+
+def apply_runtime(graph) -> None:
+    """Compile ``graph.module`` when ``graph.meta["runtime"]`` asks for it (idempotent)."""
+    runtime = graph.meta.get(RUNTIME) or {}
+    if runtime.get("compile") and getattr(graph.module, "_compiled_call_impl", None) is None:
+        compile_module(graph.module, freezing=bool(runtime.get("freezing", True)), no_grad=bool(runtime.get("inference_only")))
+
+
+def inference_only(graph) -> bool:
+    """Whether the graph runs kernels without gradients (a lowered graph): no training."""
+    return bool((graph.meta.get(RUNTIME) or {}).get("inference_only"))
+
+
+def forget_compilation(module: nn.Module) -> None:
+    """Drop a deep copy's compiled call: it is bound to the module it was copied from."""
+    if getattr(module, "_compiled_call_impl", None) is not None:
+        module._compiled_call_impl = None
