@@ -256,7 +256,8 @@ def main() -> None:
         t["met"] = met
         log(f"  {name}: {t['value']} ({'<=' if t.get('lower_is_better') else '>='} {t['target']}) {'met' if met else 'NOT met'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    # A run of other budgets than the default four writes beside the full results, not over them.
+    suffix = "_quick" if args.quick else "" if tuple(budgets) == BUDGETS else "_budgets_" + "_".join(map(str, budgets))
     plot(rows, RESULTS / f"structured{suffix}.png")
     results = {
         "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},

@@ -64,8 +64,17 @@ def _cmd_info(args) -> int:
             f"average bits per weight {_bits(totals['weight_bits'])}, per activation {_bits(totals['activation_bits'])} "
             f"(one example of {totals['seq_len']} tokens; unquantized float32 counts 32)"
         )
+    lowered = graph.meta.get("lowered")
+    if lowered:
+        print(
+            f"lowered: {lowered['lowered_linears']} Linears on {lowered['precision']} kernels"
+            + (f" ({lowered['activations']} activation scales)" if lowered.get("activations") else "")
+            + f"; tensors {lowered['weight_bytes'] / 1e6:.1f} MB (before lowering {lowered['float_weight_bytes'] / 1e6:.1f} MB); "
+            + ("runs compiled (torch.compile, inductor), " if lowered.get("compiled") else "runs eagerly, ")
+            + "inference only"
+        )
     for key, value in graph.meta.items():
-        if key not in ("common", "sparsity", "quantize"):
+        if key not in ("common", "sparsity", "quantize", "lowered", "runtime"):
             print(f"{key}: {value}")
     return 0
 

@@ -73,7 +73,7 @@ def summarize(graph, *, seq_len: int | None = None, batch_size: int | None = Non
     seq = seq_len or meta["seq_len"]
     batch = batch_size or meta["batch_size"]
     summary = Summary(
-        title=f"{meta.get('model_class') or 'graph'}: FLOPs at batch {batch}, seq {seq}",
+        title=f"{meta.get('model_class') or 'graph'}: FLOPs at batch {batch}, seq {seq}" + _lowered_note(graph.meta.get("lowered")),
         columns=["layer", "heads", "head_size", "ffn_width", "params", "flops"],
     )
 
@@ -89,6 +89,13 @@ def summarize(graph, *, seq_len: int | None = None, batch_size: int | None = Non
     _add_sparsity(summary, graph.meta.get("sparsity"))
     _add_quantization(summary, graph.meta.get("quantize"))
     return summary
+
+
+def _lowered_note(lowered: dict | None) -> str:
+    if not lowered:
+        return ""
+    scales = f", {lowered['activations']} activation scales" if lowered.get("activations") else ""
+    return f"; lowered: {lowered['lowered_linears']} Linears on {lowered['precision']} kernels{scales}"
 
 
 def _add_sparsity(summary: Summary, sparsity: dict | None) -> None:

@@ -231,8 +231,8 @@ def _skipped(path: str, prefixes: tuple[str, ...]) -> bool:
 
 def _export(body: fx.GraphModule, args: tuple) -> fx.GraphModule:
     batch = torch.export.Dim("batch")
-    seq = torch.export.Dim("seq", max=4096)
-    shapes = tuple({0: batch, 1: seq} for _ in args)
+    # The sequence range is left to export, as graphprune.trace does: models differ in what they allow.
+    shapes = tuple({0: batch, 1: torch.export.Dim.DYNAMIC} for _ in args)
     return torch.export.export(body, args, dynamic_shapes=shapes, strict=False).module()
 
 
@@ -262,6 +262,9 @@ def lower(graph, config: LowerConfig, data=None):
     if static_int8:
         batches = calibration_batches(graph, data, num_samples=config.num_samples, caller=f"{NAME} (static int8)", seed=config.seed)
     started = time.perf_counter()
+    if "layers" not in (graph.meta.get("common") or {}):
+        # Record the architecture while its Linear nodes are still there: summary() reads it afterwards.
+        graph, _ = graphprune.run_pass(graph, "add_common_metadata")
     float_bytes = _float_weight_bytes(graph.module)
     gm = graph.module
     committed = commit_masks(graph)

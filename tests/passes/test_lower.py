@@ -100,7 +100,7 @@ def test_compiled_kernels_equal_the_lowered_reference_arithmetic(model):
         fast.train()
 
 
-def test_checkpoint_stores_int8_weights_and_reloads_bit_identical(model, tmp_path):
+def test_checkpoint_stores_int8_weights_and_reloads_bit_identical(model, tmp_path, capsys):
     low, info = lowered(trace_once(model))
     low.save(tmp_path / "int8")
     import safetensors.torch
@@ -113,6 +113,11 @@ def test_checkpoint_stores_int8_weights_and_reloads_bit_identical(model, tmp_pat
     inputs = padded_inputs(model, 2, 10)
     assert torch.equal(logits(back.module, inputs), logits(low.module, inputs))
     assert info["weight_bytes"] < info["float_weight_bytes"]
+    assert "lowered: 12 Linears on int8 kernels" in str(back.summary())
+    from graphprune.app.cli import main
+
+    assert main(["info", str(tmp_path / "int8")]) == 0
+    assert "lowered: 12 Linears on int8 kernels (static activation scales)" in capsys.readouterr().out
 
 
 def test_masked_pruned_graph_lowers_with_its_zeros_kept(model):
