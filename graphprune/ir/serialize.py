@@ -30,6 +30,10 @@ from .shapes import dim_names, shape_list
 
 # -- targets and arguments --------------------------------------------------------------
 
+# Operator namespaces that torch registers only when a module is imported: lowered
+# (int8) graphs call quantized_decomposed ops, defined by torch's own quantization code.
+OP_LIBRARIES = {"quantized_decomposed": "torch.ao.quantization.fx._decomposed"}
+
 
 def encode_target(node: fx.Node) -> str:
     if node.op != "call_function":
@@ -53,6 +57,8 @@ def decode_target(op: str, text: str):
         parts = text.split(".")
         if len(parts) == 3:
             namespace, name, overload = parts
+            if namespace in OP_LIBRARIES:
+                importlib.import_module(OP_LIBRARIES[namespace])  # registers the namespace's operators
             try:
                 target = getattr(getattr(getattr(torch.ops, namespace), name), overload)
             except (AttributeError, RuntimeError):

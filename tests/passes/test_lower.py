@@ -120,6 +120,24 @@ def test_checkpoint_stores_int8_weights_and_reloads_bit_identical(model, tmp_pat
     assert "lowered: 12 Linears on int8 kernels (static activation scales)" in capsys.readouterr().out
 
 
+def test_int8_checkpoint_loads_in_a_fresh_process(model, tmp_path):
+    """The quantized operators are registered by loading, not by an earlier lowering in the process."""
+    import subprocess
+    import sys
+
+    low, _ = lowered(trace_once(model), activations="dynamic")
+    low.save(tmp_path / "int8")
+    inputs = padded_inputs(model, 2, 10)
+    torch.save({k: v for k, v in inputs.items()}, tmp_path / "inputs.pt")
+    expected = logits(low.module, inputs)
+    code = (
+        "import sys, torch, graphprune; g = graphprune.load(sys.argv[1]); "
+        "x = torch.load(sys.argv[2]); torch.save(g.module(**x).logits, sys.argv[3])"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "int8"), str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], check=True)
+    assert torch.equal(torch.load(tmp_path / "out.pt"), expected)
+
+
 def test_masked_pruned_graph_lowers_with_its_zeros_kept(model):
     graph = trace_once(model)
     pruned, _ = graphprune.run_pass(graph, "prune_weight", {"method": "l1", "sparsity": 0.5})
