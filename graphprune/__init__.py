@@ -12,7 +12,28 @@ pipelines), ``graphprune.training`` (data, models, evaluation, fine-tuning) and
 ``graphprune.app`` (CLI, job files, demo). This module gathers the public API.
 """
 
-from .infra.config import ConfigError, check_choice, check_range
+import logging as _logging
+
+
+class _DropLines(_logging.Filter):
+    """Drops log records whose message contains all of ``parts``."""
+
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not all(part in message for part in self.parts)
+
+
+# torchao, which transformers imports whenever it is installed, logs two kinds of noise
+# on every model load: its CUDA-only kernel libraries failing to load on a CPU machine,
+# and a deprecation notice meant for its own developers. Neither concerns a user here.
+_logging.getLogger("torchao").addFilter(_DropLines("Failed to load", "/torchao/_C"))
+_logging.getLogger("torch.utils._pytree").addFilter(_DropLines("register_constant() on Enum subclasses is deprecated"))
+
+from .infra.config import ConfigError  # noqa: E402  (after the filter: nothing here may import torchao first), check_choice, check_range
 from .infra.errors import PassError, PipelineError
 from .infra.pipeline import load_steps, run_pass, run_pipeline
 from .infra.registry import get_pass, list_passes, register_pass, unregister_pass
