@@ -33,7 +33,7 @@ class _DropLines(_logging.Filter):
 _logging.getLogger("torchao").addFilter(_DropLines("Failed to load", "/torchao/_C"))
 _logging.getLogger("torch.utils._pytree").addFilter(_DropLines("register_constant() on Enum subclasses is deprecated"))
 
-from .infra.config import ConfigError  # noqa: E402  (after the filter: nothing here may import torchao first), check_choice, check_range
+from .infra.config import ConfigError, check_choice, check_range  # noqa: E402  (after the log filters)
 from .infra.errors import PassError, PipelineError
 from .infra.pipeline import load_steps, run_pass, run_pipeline
 from .infra.registry import get_pass, list_passes, register_pass, unregister_pass
