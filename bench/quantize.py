@@ -24,7 +24,6 @@ a smoke run whose numbers are not the benchmark's).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import compare_latency
 from graphprune.ir.runtime import compile_module
 from passes.quantization.lower import cpu_description
-from report import table  # bench/report.py: this script runs from bench/
+from report import table, write_json  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QAT_STEPS = 100  # batch 32: a third of an epoch of the 10k training snippets
@@ -204,10 +203,6 @@ def main() -> None:
         f"latency at batch 8 x 128 tokens and batch 1 x 64, ratios interleaved; QAT = {steps} distilled steps")
     log(table(rows, columns, digits=3))
 
-    def best(prefix, field):
-        values = [r[field] for r in rows if r["method"].startswith(prefix) and isinstance(r.get(field), float)]
-        return max(values, default=0.0)
-
     int8_ok = [r for r in rows if r["method"].startswith("int8") and r["drop_points"] <= 0.5]
     bf16 = next((r for r in rows if r["method"] == "bf16" and r.get("accuracy") is not None), None)
     targets = {
@@ -229,8 +224,7 @@ def main() -> None:
                "search": {"flops_ratio": search_info["flops_ratio"], "seconds": search_info["seconds"]},
                "rows": rows, "targets": targets, "seconds": round(time.perf_counter() - start, 1)}
     path = RESULTS / f"quantize{suffix}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(results, indent=2))
-    path.with_suffix(".tmp").replace(path)
+    write_json(path, results)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
 
 

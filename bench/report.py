@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 
 def table(rows: list[dict], columns: list[str], digits: int = 4) -> str:
     """Rows of dicts as aligned columns: floats to ``digits`` places, missing values as ``-``."""
@@ -14,3 +17,10 @@ def table(rows: list[dict], columns: list[str], digits: int = 4) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(row, widths))) for row in cells]
     return "\n".join(lines)
+
+
+def write_json(path: Path, results: dict) -> None:
+    """Write ``results`` to ``path`` through a temporary file: never a half-written results file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)

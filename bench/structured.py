@@ -25,7 +25,6 @@ examples and steps; a smoke run whose numbers are not the benchmark's).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -39,7 +38,7 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_minilm, load_tokenizer
 from graphprune.training.timing import compare_latency
-from report import table  # bench/report.py: this script runs from bench/
+from report import table, write_json  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.75, 0.6, 0.5, 0.4)
@@ -265,8 +264,7 @@ def main() -> None:
         "targets": targets, "seconds": round(time.perf_counter() - start, 1),
     }
     path = RESULTS / f"structured{suffix}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(results, indent=2))
-    path.with_suffix(".tmp").replace(path)
+    write_json(path, results)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
 
 

@@ -19,7 +19,6 @@ Targets: trace with metadata <= 1.5x bare export; graph forward <= 1.05x eager.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -32,6 +31,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import graphprune
 from graphprune.ir.calls import ModelCall
 from graphprune.ir.tracing import _dynamic_shapes
+from report import write_json  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trace.json"
 
@@ -139,9 +139,7 @@ def main() -> None:
         "reload_bit_identical": identical,
         "max_abs_diff": diff,
     }
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(RESULTS)  # never a half-written results file
+    write_json(RESULTS, results)
 
 
 if __name__ == "__main__":

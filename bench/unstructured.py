@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import tempfile
@@ -43,7 +42,7 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import compare_latency
-from report import table  # bench/report.py: this script runs from bench/
+from report import table, write_json  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
@@ -262,8 +261,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - start, 1),
     }
     path = RESULTS / f"unstructured{suffix}.json"
-    path.with_suffix(".tmp").write_text(json.dumps(results, indent=2))
-    path.with_suffix(".tmp").replace(path)
+    write_json(path, results)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
 
 

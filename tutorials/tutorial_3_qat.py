@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 import graphprune
+from graphprune.training.baseline import baseline_or_pretrained
 from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_minilm, load_tokenizer
 from graphprune.training.timing import compare_latency
 
 MASE_CONFIG = {  # MASE tutorial 3, as written
@@ -52,22 +52,11 @@ CALIBRATED = {  # widths from the profiled ranges; one scale per weight row
 }
 
 
-def baseline_graph(quick: bool):
-    if not quick:
-        from graphprune.training.baseline import load_baseline
-
-        return load_baseline(), load_tokenizer("minilm")
-    # --quick: the pretrained encoder with an untrained head (accuracy near chance), to keep the tests short
-    model, tokenizer = load_minilm(num_labels=2)
-    graph = graphprune.trace(model)
-    graph.source["tokenizer"] = "minilm"
-    return graph, tokenizer
-
 
 def main(quick: bool) -> None:
     splits = load_rotten_tomatoes()
     test = splits["test"].subset(32) if quick else splits["test"]
-    graph, tokenizer = baseline_graph(quick)
+    graph, tokenizer = baseline_or_pretrained(quick)
     calibration = CalibrationData(splits["train"], tokenizer)
 
     def accuracy(g) -> float:

@@ -18,27 +18,16 @@ import argparse
 import time
 
 import graphprune
+from graphprune.training.baseline import baseline_or_pretrained
 from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_minilm, load_tokenizer
 
-
-def baseline_graph(quick: bool, splits):
-    if not quick:
-        from graphprune.training.baseline import load_baseline
-
-        return load_baseline(), load_tokenizer("minilm")
-    # --quick: the pretrained encoder with an untrained head (accuracy near chance), to keep the tests short
-    model, tokenizer = load_minilm(num_labels=2)
-    graph = graphprune.trace(model)
-    graph.source["tokenizer"] = "minilm"
-    return graph, tokenizer
 
 
 def main(quick: bool) -> None:
     splits = load_rotten_tomatoes()
     test = splits["test"].subset(32) if quick else splits["test"]
-    graph, tokenizer = baseline_graph(quick, splits)
+    graph, tokenizer = baseline_or_pretrained(quick)
 
     def accuracy(g) -> float:
         return graphprune.evaluate(g, test, tokenizer, progress=False)["accuracy"]

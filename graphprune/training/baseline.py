@@ -18,7 +18,7 @@ from ..ir.tracing import trace
 from .data import load_rotten_tomatoes
 from .evaluate import evaluate
 from .finetune import finetune
-from .models import load_minilm
+from .models import load_minilm, load_tokenizer
 
 BASELINE_NAME = "minilm-rotten-tomatoes-v1"
 RECIPE = {"learning_rate": 5e-5, "epochs": 2.0, "batch_size": 32, "max_length": 64, "weight_decay": 0.01, "warmup_ratio": 0.1, "seed": 0}
@@ -67,3 +67,18 @@ def load_baseline(cache: str | os.PathLike | None = None, *, build: bool = True,
         if path.exists() or not build:
             raise
     return build_baseline(cache, progress=progress)
+
+
+def baseline_or_pretrained(quick: bool = False):
+    """The cached fine-tuned baseline and its tokenizer; with ``quick``, MiniLM with an untrained head.
+
+    What the tutorials start from: ``--quick`` (what the tests run) skips the baseline
+    (built once, about 14 minutes) for the pretrained encoder, traced, with a newly
+    initialised head (accuracy near chance): the workflow without the numbers.
+    """
+    if not quick:
+        return load_baseline(), load_tokenizer("minilm")
+    model, tokenizer = load_minilm(num_labels=2)
+    graph = trace(model)
+    graph.source["tokenizer"] = "minilm"
+    return graph, tokenizer
