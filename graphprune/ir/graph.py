@@ -14,7 +14,7 @@ from .checkpoint import read_checkpoint, write_checkpoint
 from .fx_utils import quiet_deepcopy
 from .masks import masked_tensor_copies
 from .metadata import our_keys
-from .runtime import apply_runtime, forget_compilation, inference_only
+from .runtime import apply_runtime, inference_only
 from .summary import Summary, summarize
 
 
@@ -128,7 +128,6 @@ class Graph:
                 memo[id(tensor)] = tensor
         memo.update(masked_tensor_copies(self.module))
         module = quiet_deepcopy(self.module, memo)
-        forget_compilation(module)  # the copy compiles its own call (Graph.__init__)
         # fx copies node.meta shallowly; our namespaces must not be shared.
         old_nodes = {n.name: n for n in self.module.graph.nodes}
         for node in module.graph.nodes:

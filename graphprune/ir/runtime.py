@@ -4,7 +4,8 @@ A lowered graph (the ``lower`` pass) holds integer or bf16 operations that only
 become fast kernels under ``torch.compile`` (inductor). Which compilation it needs is
 recorded in ``graph.meta["runtime"]`` (JSON, so checkpoints carry it), and
 :func:`apply_runtime` compiles ``graph.module`` in place whenever a ``Graph`` is made:
-after the pass, after ``graph.copy()`` and after ``graphprune.load``. The module stays
+after the pass, after ``graph.copy()`` (a deep copy of a module never carries its
+compiled call: ``nn.Module.__getstate__`` drops it) and after ``graphprune.load``. The module stays
 the same ``GraphModule`` (compiled the way ``nn.Module.compile`` does it, in
 ``_compiled_call_impl``), so its code, nodes and tensors are still there to read and save.
 
@@ -47,9 +48,3 @@ def apply_runtime(graph) -> None:
 def inference_only(graph) -> bool:
     """Whether the graph runs kernels without gradients (a lowered graph): no training."""
     return bool((graph.meta.get(RUNTIME) or {}).get("inference_only"))
-
-
-def forget_compilation(module: nn.Module) -> None:
-    """Drop a deep copy's compiled call: it is bound to the module it was copied from."""
-    if getattr(module, "_compiled_call_impl", None) is not None:
-        module._compiled_call_impl = None

@@ -81,7 +81,7 @@ from graphprune.ir.modules import AttentionCore
 from graphprune.ir.runtime import RUNTIME, apply_runtime
 from graphprune.training.calibration import calibration_batches, model_inputs
 
-from .quantizers import INSERTED, QuantizedAttentionCore
+from .quantizers import INSERTED, QuantizedAttentionCore, remove_inserted
 
 NAME = "lower"
 PRECISIONS = ("int8", "bf16")
@@ -184,9 +184,7 @@ def _strip_simulation(gm: fx.GraphModule) -> int:
     removed = 0
     for node in list(gm.graph.nodes):
         if node.meta.get(INSERTED):
-            node.replace_all_uses_with(node.args[0])
-            gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
+            remove_inserted(gm, node)
             removed += 1
         elif node.op == "call_module" and isinstance(gm.get_submodule(node.target), QuantizedAttentionCore):
             core = gm.get_submodule(node.target)
@@ -280,7 +278,7 @@ def lower(graph, config: LowerConfig, data=None):
         exported = _export(_body(gm), args)
 
     if config.precision == "int8":
-        exported, quantized_linears = _quantize_int8(exported, config, batches, call, graph)
+        exported, quantized_linears = _quantize_int8(exported, config, batches, call, graph, args)
     lowered = _plain(exported)
     install_model_call(lowered, call, call.out_spec)
 
@@ -308,7 +306,7 @@ def lower(graph, config: LowerConfig, data=None):
     return graph, info
 
 
-def _quantize_int8(exported: fx.GraphModule, config: LowerConfig, batches, call, graph):
+def _quantize_int8(exported: fx.GraphModule, config: LowerConfig, batches, call, graph, example_args: tuple):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
@@ -321,7 +319,7 @@ def _quantize_int8(exported: fx.GraphModule, config: LowerConfig, batches, call,
         for batch in tqdm(batches, desc=f"{NAME}: calibrating int8 scales", unit="batch", leave=False):
             prepared(*call.example_inputs(model_inputs(batch, graph)).values())
         if not batches:  # dynamic scales: one call sets up the weight observers
-            prepared(*call.example_inputs({"input_ids": torch.zeros(2, 8, dtype=torch.long)}).values())
+            prepared(*example_args)
     converted = convert_pt2e(prepared)
     count = sum(1 for n in converted.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default
                 and _is_dequantized(n.args[1]))

@@ -77,6 +77,7 @@ from .quantizers import (
     inserted_quantizers,
     op_type,
     quantize_tensor,
+    remove_inserted,
     remove_tensor_quantizers,
 )
 
@@ -411,7 +412,7 @@ def quantize(graph, config: QuantizeConfig):
             else:
                 new_nodes.append(_insert(gm, node, index, plan.quantizers[f"data_in_{index}"]))
         for old in existing.values():
-            _remove_inserted(gm, old)
+            remove_inserted(gm, old)
         node.meta[META] = _record(plan)
         counts[plan.op] = counts.get(plan.op, 0) + 1
         if plan.frac_widths:
@@ -473,9 +474,3 @@ def _insert(gm: fx.GraphModule, node: fx.Node, index: int, q: Quantizer) -> fx.N
         args[index] = new
         node.args = tuple(args)
     return new
-
-
-def _remove_inserted(gm: fx.GraphModule, q: fx.Node) -> None:
-    q.replace_all_uses_with(q.args[0])
-    gm.graph.erase_node(q)
-    gm.delete_submodule(q.target)

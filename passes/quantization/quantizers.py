@@ -236,3 +236,10 @@ def inserted_quantizers(gm: fx.GraphModule) -> dict[str, dict[int, fx.Node]]:
         if mark:
             found.setdefault(mark["feeds"], {})[mark["index"]] = node
     return found
+
+
+def remove_inserted(gm: fx.GraphModule, q: fx.Node) -> None:
+    """Remove an inserted quantizer node and its module; its users read its input again."""
+    q.replace_all_uses_with(q.args[0])
+    gm.graph.erase_node(q)
+    gm.delete_submodule(q.target)
