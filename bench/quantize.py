@@ -14,7 +14,8 @@ One run, on the cached baseline (built on first use, about 14 minutes), test spl
    half the FLOPs then int8. Accuracy, and latency at batch 8 / seq 128 and batch 1 /
    seq 64 against fp32 eager and against fp32 compiled the same way (interleaved).
 
-Prints the CPU and its int8/bf16 flags, the table and the targets; writes
+Prints the CPU and its int8/bf16 flags, the table, where fp32 compiled and int8 spend
+their time (Linear kernels, attention, the rest) and the targets; writes
 ``bench/results/quantize.json`` and a PNG of accuracy against average weight bits.
 
 Run: ``python bench/quantize.py [--quick]`` (``--quick``: 300 test snippets, few steps;
@@ -94,6 +95,28 @@ def timings(candidate, eager, compiled, lat8, lat1) -> dict:
         out[f"speedup_{tag}_vs_eager"] = round(1 / vs_eager["ratio"], 3)
         out[f"speedup_{tag}_vs_compiled"] = round(1 / vs_compiled["ratio"], 3)
     return out
+
+
+def time_breakdown(module, inputs, calls: int = 5) -> dict:
+    """Milliseconds per call in Linear kernels, in attention, and in everything else, from torch's profiler.
+
+    Shows where a lowered graph's remaining time goes: int8 speeds up the Linears only.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(2):
+            module(**inputs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                module(**inputs)
+    parts = {"linear": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        name = event.key
+        part = ("linear" if any(k in name for k in ("qlinear", "linear_pointwise", "aten::addmm", "aten::mm", "aten::linear"))
+                else "attention" if "scaled_dot_product" in name else "other")
+        parts[part] += event.self_cpu_time_total / 1e3 / calls  # microseconds over all calls -> ms per call
+    return {k: round(v, 2) for k, v in parts.items()}
 
 
 def plot(rows: list[dict], dense: float, path: Path) -> None:
@@ -183,6 +206,8 @@ def main() -> None:
                **timings(graph, base, compiled, lat8, lat1)}
         rows.append(row)
         log(f"{name}: {row}")
+        if name == "int8 static":
+            breakdown = {"fp32 compiled": time_breakdown(compiled.module, lat8), "int8 static": time_breakdown(graph.module, lat8)}
         del graph
         torch._dynamo.reset()
 
@@ -203,6 +228,11 @@ def main() -> None:
         f"latency at batch 8 x 128 tokens and batch 1 x 64, ratios interleaved; QAT = {steps} distilled steps")
     log(table(rows, columns, digits=3))
 
+    fp32_ms, int8_ms = breakdown["fp32 compiled"], breakdown["int8 static"]
+    log("\nWhere batch 8 x 128 spends its time (ms per call, torch profiler): "
+        + ", ".join(f"{part} fp32 compiled {fp32_ms[part]:.1f} -> int8 {int8_ms[part]:.1f} ({fp32_ms[part] / max(int8_ms[part], 1e-9):.2f}x)"
+                    for part in fp32_ms))
+
     int8_ok = [r for r in rows if r["method"].startswith("int8") and r["drop_points"] <= 0.5]
     bf16 = next((r for r in rows if r["method"] == "bf16" and r.get("accuracy") is not None), None)
     targets = {
@@ -222,7 +252,7 @@ def main() -> None:
     plot(rows, dense, RESULTS / f"quantize{suffix}.png")
     results = {"machine": machine, "torch": torch.__version__, "test_examples": len(test), "dense_accuracy": dense, "qat_steps": steps,
                "search": {"flops_ratio": search_info["flops_ratio"], "seconds": search_info["seconds"]},
-               "rows": rows, "targets": targets, "seconds": round(time.perf_counter() - start, 1)}
+               "rows": rows, "time_breakdown_ms_b8": breakdown, "targets": targets, "seconds": round(time.perf_counter() - start, 1)}
     path = RESULTS / f"quantize{suffix}.json"
     write_json(path, results)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
