@@ -15,9 +15,10 @@ really faster:
 - ``precision = "bf16"``: every encoder Linear (``skip`` aside) gets bf16 weights and
   computes in bf16, its input cast down and its output cast back to fp32 (attention
   softmax, layer norm, residuals and the loss stay fp32, as autocast would keep them),
-  compiled the same way; inductor fuses the casts into the neighbouring kernels. Needs a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX on x86, BF16 on
-  Arm): without it bf16 is emulated and slower than fp32, so the pass stops and says
-  so, unless ``allow_emulated_bf16 = true`` (for accuracy studies).
+  compiled the same way; inductor fuses the casts into the neighbouring kernels.
+  Needs a CPU with native bf16 arithmetic (AVX-512 BF16 or AMX on x86, BF16 on Arm):
+  without it bf16 is emulated and slower than fp32, so the pass stops and says so,
+  unless ``allow_emulated_bf16 = true`` (for accuracy studies).
 
 The result is still a :class:`graphprune.Graph`: ``graph.module`` is an ordinary
 ``GraphModule`` (ATen ops, int8 weights as constants) called exactly like the model,
@@ -131,9 +132,12 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # AVX-512 BF16, AMX, Arm's BF16
+
+
 def native_bf16() -> bool:
     """Whether the CPU computes bf16 natively (AVX-512 BF16, AMX, or Arm's BF16)."""
-    return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
+    return bool(BF16_FLAGS & cpu_flags())
 
 
 def cpu_description() -> dict:
@@ -146,7 +150,7 @@ def cpu_description() -> dict:
     except OSError:
         pass
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return {"cpu": name, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags], "native_bf16": native_bf16()}
+    return {"cpu": name, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags], "native_bf16": bool(BF16_FLAGS & flags)}
 
 
 def _cxx_compiler() -> str | None:
