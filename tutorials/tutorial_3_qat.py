@@ -52,7 +52,6 @@ CALIBRATED = {  # widths from the profiled ranges; one scale per weight row
 }
 
 
-
 def main(quick: bool) -> None:
     splits = load_rotten_tomatoes()
     test = splits["test"].subset(32) if quick else splits["test"]

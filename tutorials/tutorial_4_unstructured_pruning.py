@@ -23,7 +23,6 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 
 
-
 def main(quick: bool) -> None:
     splits = load_rotten_tomatoes()
     test = splits["test"].subset(32) if quick else splits["test"]

@@ -32,7 +32,6 @@ from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.timing import compare_latency
 
 
-
 def main(quick: bool) -> None:
     splits = load_rotten_tomatoes()
     test = splits["test"].subset(32) if quick else splits["test"]

@@ -5,9 +5,10 @@ become fast kernels under ``torch.compile`` (inductor). Which compilation it nee
 recorded in ``graph.meta["runtime"]`` (JSON, so checkpoints carry it), and
 :func:`apply_runtime` compiles ``graph.module`` in place whenever a ``Graph`` is made:
 after the pass, after ``graph.copy()`` (a deep copy of a module never carries its
-compiled call: ``nn.Module.__getstate__`` drops it) and after ``graphprune.load``. The module stays
-the same ``GraphModule`` (compiled the way ``nn.Module.compile`` does it, in
-``_compiled_call_impl``), so its code, nodes and tensors are still there to read and save.
+compiled call: ``nn.Module.__getstate__`` drops it) and after ``graphprune.load``. The
+module stays the same ``GraphModule`` (compiled the way ``nn.Module.compile`` does it,
+in ``_compiled_call_impl``), so its code, nodes and tensors are still there to read
+and save.
 
 Inductor's ``freezing`` (weights folded as constants, int8 weights prepacked for
 oneDNN) is what makes the int8 graphs fast; torch reads it only from its global
