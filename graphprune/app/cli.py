@@ -15,6 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..ir import cpu
 from ..ir.errors import GraphpruneError
 
 EXIT_USAGE = 2
@@ -73,6 +74,12 @@ def _cmd_info(args) -> int:
             + ("runs compiled (torch.compile, inductor), " if lowered.get("compiled") else "runs eagerly, ")
             + "inference only"
         )
+        if lowered.get("precision") == "int8":
+            print(
+                f"int8 scheme: {lowered.get('scheme') or 'u8s8 (not recorded: lowered before schemes)'}, chosen for oneDNN ISA "
+                f"{lowered.get('isa') or '-'} on {lowered.get('cpu') or 'an unrecorded CPU'}; this CPU's ISA {cpu.onednn_isa()} "
+                f"needs {cpu.int8_scheme()}"
+            )
     for key, value in graph.meta.items():
         if key not in ("common", "sparsity", "quantize", "lowered", "runtime"):
             print(f"{key}: {value}")

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import uuid
+import warnings
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -23,7 +24,8 @@ import safetensors.torch
 import torch
 
 from .calls import upgrade_model_call
-from .errors import CheckpointError
+from .errors import CheckpointError, LoweredForAnotherCPU
+from .runtime import machine_mismatch
 from .serialize import graph_from_json, graph_to_json
 from .shapes import propagate_shapes
 
@@ -41,6 +43,12 @@ def _version(package: str) -> str | None:
         return None
 
 
+def is_writer_rank() -> bool:
+    """False in the processes of a distributed run other than rank 0."""
+    distributed = torch.distributed
+    return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
+
+
 def _write(path: Path, data: bytes) -> None:
     with open(path, "wb") as handle:
         handle.write(data)
@@ -49,7 +57,14 @@ def _write(path: Path, data: bytes) -> None:
 
 
 def write_checkpoint(graph, path) -> None:
-    """Save a ``Graph`` to the directory ``path`` (replacing an earlier checkpoint there)."""
+    """Save a ``Graph`` to the directory ``path`` (replacing an earlier checkpoint there).
+
+    In a run of several processes (``accelerate launch``, torch.distributed) only rank 0
+    writes, as ``accelerate.Accelerator.save`` does: every rank holds the same graph, and
+    several writers of one directory would race.
+    """
+    if not is_writer_rank():
+        return
     path = Path(path)
     if path.exists() and not (path.is_dir() and (path / MANIFEST).is_file()):
         raise CheckpointError(f"{path} exists and is not a graphprune checkpoint; refusing to overwrite it")
@@ -162,6 +177,9 @@ def read_checkpoint(path) -> dict:
         propagate_shapes(module, inputs)
     except Exception as error:
         raise CheckpointError(f"checkpoint {path} loaded, but its graph does not run on symbolic inputs: {error}") from error
+    mismatch = machine_mismatch(manifest.get("meta") or {})
+    if mismatch:
+        warnings.warn(f"graphprune.load({str(path)!r}): {mismatch}", LoweredForAnotherCPU, stacklevel=3)
     return {
         "module": module,
         "source": manifest.get("source") or {},

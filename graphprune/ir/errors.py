@@ -24,3 +24,7 @@ class InputError(GraphpruneError, TypeError):
     A ``TypeError`` too, as Python raises for a bad call, so code that catches
     those keeps working; the message names the input and what the graph supports.
     """
+
+
+class LoweredForAnotherCPU(UserWarning):
+    """A lowered graph was loaded on a CPU that needs another int8 scheme (or lacks native bf16)."""

@@ -49,3 +49,37 @@ def apply_runtime(graph) -> None:
 def inference_only(graph) -> bool:
     """Whether the graph runs kernels without gradients (a lowered graph): no training."""
     return bool((graph.meta.get(RUNTIME) or {}).get("inference_only"))
+
+
+def machine_mismatch(meta: dict) -> str | None:
+    """Why a lowered graph (``meta`` of a checkpoint) does not fit this CPU, or None when it does.
+
+    ``lower`` records the int8 scheme and the oneDNN ISA it chose them for
+    (``graph.meta["lowered"]``); checkpoints written before schemes existed were all
+    lowered with 8-bit activations ("u8s8").
+    """
+    from . import cpu
+
+    lowered = meta.get("lowered") or {}
+    if not lowered:
+        return None
+    where = f"lowered on {lowered.get('cpu') or 'another CPU'} (oneDNN ISA {lowered.get('isa') or 'not recorded'})"
+    here = f"this CPU's oneDNN ISA is {cpu.onednn_isa()}"
+    relower = "re-lower the float graph on this machine (run_pass(graph, 'lower', ...) or `graphprune run` with the lower pass)"
+    if lowered.get("precision") == "bf16":
+        if not cpu.native_bf16():
+            return f"this bf16 graph was {where}; {here}, without native bf16, so bf16 is emulated and slower than fp32: {relower} to int8"
+        return None
+    recorded, needed = lowered.get("scheme") or "u8s8", cpu.int8_scheme()
+    if recorded == needed:
+        return None
+    if recorded == "u8s8":
+        return (
+            f"this int8 graph was {where} with 8-bit activations (scheme u8s8); {here}, without VNNI or AMX, where "
+            f"those kernels saturate their int16 pair sums, so its outputs will not be the int8 arithmetic it was "
+            f"calibrated for: {relower}, which picks scheme reduce_range here"
+        )
+    return (
+        f"this int8 graph was {where} with 7-bit activations (scheme reduce_range); {here}, which accumulates in "
+        f"int32 and runs 8-bit activations exactly: it runs correctly, and {relower} for scheme u8s8's finer activations"
+    )

@@ -95,7 +95,8 @@ def _lowered_note(lowered: dict | None) -> str:
     if not lowered:
         return ""
     scales = f", {lowered['activations']} activation scales" if lowered.get("activations") else ""
-    return f"; lowered: {lowered['lowered_linears']} Linears on {lowered['precision']} kernels{scales}"
+    scheme = f", scheme {lowered['scheme']}" if lowered.get("scheme") else ""
+    return f"; lowered: {lowered['lowered_linears']} Linears on {lowered['precision']} kernels{scales}{scheme}"
 
 
 def _add_sparsity(summary: Summary, sparsity: dict | None) -> None:

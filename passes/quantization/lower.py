@@ -9,8 +9,14 @@ really faster:
   and int8 inputs, with ``activations = "static"`` (default) per-tensor scales
   calibrated on ``num_samples`` examples of ``data``, or ``"dynamic"`` scales computed
   per call (no data needed). ``torch.compile`` with inductor's freezing then fuses each
-  quantize / int8 matmul / dequantize into oneDNN int8 kernels (VNNI where the CPU has
-  it). The classifier head (``skip``, default pooler and classifier) stays float: it
+  quantize / int8 matmul / dequantize into oneDNN int8 kernels. The int8 ``scheme``
+  follows the CPU (``graphprune.ir.cpu``): ``"u8s8"`` (activations 0..255) where oneDNN
+  accumulates in int32 (VNNI or AMX), ``"reduce_range"`` (7-bit activations, 0..127)
+  where it does not (AVX2 or AVX-512 without VNNI), since 8-bit activations there
+  saturate the kernels' int16 pair sums and the compiled graph would not compute what
+  its reference arithmetic says. ``ONEDNN_MAX_CPU_ISA`` (set before the process starts)
+  is honoured, so ``ONEDNN_MAX_CPU_ISA=AVX2`` makes a VNNI machine lower as an AVX2 one.
+  The classifier head (``skip``, default pooler and classifier) stays float: it
   is a sliver of the FLOPs and the layer most sensitive to rounding.
 - ``precision = "bf16"``: every encoder Linear (``skip`` aside) gets bf16 weights and
   computes in bf16, its input cast down and its output cast back to fp32 (attention
@@ -35,7 +41,7 @@ replaces them); structurally pruned graphs (fewer heads, neurons, layers) lower 
 they are. Per-node metadata is dropped (the nodes are new); ``graph.meta`` keeps the
 architecture's (``summary()`` still works) and gains ``graph.meta["lowered"]``.
 
-Requirements, checked before anything changes: torchao (``pip install torchao``) and a
+Requirements, checked before anything changes: an x86-64 CPU, torchao (``pip install torchao``) and a
 C++ compiler for inductor (``g++``, ``clang++`` or ``$CXX``). A missing one is an error
 naming it; there is never a silent fallback to fp32.
 
@@ -49,6 +55,9 @@ Config fields:
     compile: compile for speed (default true); false leaves the lowered graph eager
         (reference int8 arithmetic in float: same numbers, no speed-up).
     allow_emulated_bf16: lower to bf16 on a CPU without native bf16 (default false).
+    scheme: int8 scheme, auto (default: from the CPU, as above) | u8s8 | reduce_range.
+        ``graph.meta["lowered"]`` records the scheme and the ISA it was chosen for; loading
+        the graph where another scheme is needed warns.
     seed: for the calibration subset.
 
 Example:
@@ -62,9 +71,9 @@ from __future__ import annotations
 
 import copy
 import os
-import platform
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +83,7 @@ from tqdm.auto import tqdm
 
 import graphprune
 from graphprune.infra.config import ConfigError, check_choice, check_range
+from graphprune.ir import cpu
 from graphprune.ir.calls import install_model_call, model_call_of
 from graphprune.ir.fx_utils import fetch_attr
 from graphprune.ir.masks import commit_masks
@@ -87,6 +97,7 @@ from .quantizers import INSERTED, QuantizedAttentionCore, remove_inserted
 NAME = "lower"
 PRECISIONS = ("int8", "bf16")
 ACTIVATIONS = ("static", "dynamic")
+SCHEMES = ("auto", *cpu.SCHEMES)
 DEFAULT_SKIP = ("bert.pooler", "classifier", "roberta.pooler", "pooler", "pre_classifier", "qa_outputs", "cls")
 
 
@@ -96,7 +107,7 @@ class LowerError(RuntimeError):
 
 @dataclass(frozen=True)
 class LowerConfig:
-    """Fields: precision, activations, num_samples, batch_size, skip, compile, allow_emulated_bf16, seed."""
+    """Fields: precision, activations, num_samples, batch_size, skip, compile, allow_emulated_bf16, scheme, seed."""
 
     precision: str = "int8"
     activations: str = "static"
@@ -105,11 +116,15 @@ class LowerConfig:
     skip: tuple[str, ...] = DEFAULT_SKIP
     compile: bool = True
     allow_emulated_bf16: bool = False
+    scheme: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("activations", self.activations, ACTIVATIONS)
+        check_choice("scheme", self.scheme, SCHEMES)
+        if self.precision == "bf16" and self.scheme != "auto":
+            raise ConfigError("scheme", self.scheme, "'auto' (the default) with precision 'bf16': schemes are int8's")
         if self.precision == "bf16" and self.activations != "static":
             raise ConfigError("activations", self.activations, "'static' (the default) with precision 'bf16': bf16 has no activation scales")
         check_range("num_samples", self.num_samples, 1)
@@ -120,39 +135,6 @@ class LowerConfig:
 # -- what the machine has ---------------------------------------------------------------
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags as Linux reports them (empty where unknown)."""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # AVX-512 BF16, AMX, Arm's BF16
-
-
-def native_bf16() -> bool:
-    """Whether the CPU computes bf16 natively (AVX-512 BF16, AMX, or Arm's BF16)."""
-    return bool(BF16_FLAGS & cpu_flags())
-
-
-def cpu_description() -> dict:
-    """The CPU model and the flags that decide int8 and bf16 speed, for benchmark headers."""
-    flags = cpu_flags()
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            name = next((l.split(":", 1)[1].strip() for l in handle if l.startswith("model name")), name)
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
-    return {"cpu": name, "cores": os.cpu_count(), "flags": [f for f in wanted if f in flags], "native_bf16": bool(BF16_FLAGS & flags)}
-
-
 def _cxx_compiler() -> str | None:
     for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
         if candidate and shutil.which(candidate):
@@ -161,6 +143,14 @@ def _cxx_compiler() -> str | None:
 
 
 def _check_machine(config: LowerConfig) -> None:
+    if not cpu.is_x86_64():
+        import platform
+
+        raise LowerError(
+            f"{NAME}: the int8 and bf16 kernels it lowers to are oneDNN's x86-64 kernels (torchao's "
+            f"X86InductorQuantizer, inductor's CPU backend); this machine is {platform.machine()}. The rest of "
+            "graphprune (tracing, pruning, simulated formats, fine-tuning, checkpoints) works here: lower on an x86-64 CPU"
+        )
     if config.precision == "int8":
         try:
             import torchao  # noqa: F401
@@ -172,10 +162,10 @@ def _check_machine(config: LowerConfig) -> None:
             "(looked for $CXX, g++, c++, clang++); install one (Debian/Ubuntu: apt install g++; conda: "
             "conda install gxx_linux-64) or set compile = false for an eager (slow) lowered graph"
         )
-    if config.precision == "bf16" and not native_bf16() and not config.allow_emulated_bf16:
+    if config.precision == "bf16" and not cpu.native_bf16() and not config.allow_emulated_bf16:
         raise LowerError(
             f"{NAME}: precision 'bf16' needs a CPU with native bf16 arithmetic (avx512_bf16 or amx_bf16 on x86, "
-            f"bf16 on Arm); this CPU ({cpu_description()['cpu']}) has none, so bf16 would be emulated and slower "
+            f"bf16 on Arm); this CPU ({cpu.cpu_name()}, oneDNN ISA {cpu.onednn_isa()}) has none, so bf16 would be emulated and slower "
             "than fp32. Use precision 'int8', or allow_emulated_bf16 = true for an accuracy study"
         )
 
@@ -256,9 +246,14 @@ def _plain(module: fx.GraphModule) -> fx.GraphModule:
 def lower(graph, config: LowerConfig, data=None):
     """Lower the graph onto real int8 (torchao PT2E) or bf16 kernels, compiled by inductor; inference only."""
     _check_machine(config)
+    isa = cpu.onednn_isa()
+    scheme = _int8_scheme(config, isa) if config.precision == "int8" else None
     call = model_call_of(graph.module)
     if call is None:
         raise ValueError(f"{NAME}: the graph has no recorded model call (trace a HF model with graphprune.trace)")
+    device = next(graph.module.parameters()).device
+    if device.type != "cpu":
+        raise LowerError(f"{NAME}: lowers onto CPU kernels and the graph is on {device}; move it first with graph.to('cpu')")
     static_int8 = config.precision == "int8" and config.activations == "static"
     batches = []
     if static_int8:
@@ -282,7 +277,7 @@ def lower(graph, config: LowerConfig, data=None):
         exported = _export(_body(gm), args)
 
     if config.precision == "int8":
-        exported, quantized_linears = _quantize_int8(exported, config, batches, call, graph, args)
+        exported, quantized_linears = _quantize_int8(exported, config, scheme, batches, call, graph, args)
     lowered = _plain(exported)
     install_model_call(lowered, call, call.out_spec)
 
@@ -294,6 +289,9 @@ def lower(graph, config: LowerConfig, data=None):
     info = {
         "precision": config.precision,
         "activations": config.activations if config.precision == "int8" else None,
+        "scheme": scheme,
+        "isa": isa,
+        "cpu": cpu.cpu_name(),
         "lowered_linears": quantized_linears,
         "calibration_samples": sum(len(b["input_ids"]) for b in batches),
         "weight_bytes": weight_bytes,
@@ -310,12 +308,32 @@ def lower(graph, config: LowerConfig, data=None):
     return graph, info
 
 
-def _quantize_int8(exported: fx.GraphModule, config: LowerConfig, batches, call, graph, example_args: tuple):
+def _int8_scheme(config: LowerConfig, isa: str | None) -> str:
+    """The configured scheme, or for "auto" the one whose kernels are exact at this ISA (see graphprune.ir.cpu)."""
+    exact = cpu.int8_scheme(isa)
+    if config.scheme == "auto":
+        return exact
+    if config.scheme == "u8s8" and exact != "u8s8":
+        warnings.warn(
+            f"{NAME}: scheme 'u8s8' on this CPU (oneDNN ISA {isa}, no VNNI or AMX): its int8 kernels add u8 x s8 "
+            "products in pairs into int16, which saturates on 8-bit activations, so the compiled graph will not "
+            "compute what its reference arithmetic says. Keep it only for a graph you will load on a VNNI/AMX CPU; "
+            "scheme 'auto' picks 'reduce_range' here",
+            stacklevel=3,
+        )
+    return config.scheme
+
+
+def _quantize_int8(exported: fx.GraphModule, config: LowerConfig, scheme: str, batches, call, graph, example_args: tuple):
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(x86.get_default_x86_inductor_quantization_config(is_dynamic=config.activations == "dynamic"))
+    quantizer.set_global(
+        x86.get_default_x86_inductor_quantization_config(
+            is_dynamic=config.activations == "dynamic", reduce_range=scheme == "reduce_range"
+        )
+    )
     for name in _skipped_modules(exported, config.skip):
         quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_pt2e(exported, quantizer)
