@@ -12,10 +12,12 @@ Bad arguments and bad files give a one-line error and exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from ..ir import cpu
+from ..ir.checkpoint import process_rank
 from ..ir.errors import GraphpruneError
 
 EXIT_USAGE = 2
@@ -159,6 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    if process_rank() != 0:
+        # Under `accelerate launch` every process runs the command; the others stay quiet (they
+        # compute the same tables) and write no checkpoint (Graph.save writes from rank 0).
+        os.environ["TQDM_DISABLE"] = "1"
+        sys.stdout = open(os.devnull, "w")
     try:
         return args.fn(args)
     except (GraphpruneError, ValueError, FileNotFoundError) as error:  # TOML errors are ValueErrors

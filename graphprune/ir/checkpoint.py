@@ -43,10 +43,24 @@ def _version(package: str) -> str | None:
         return None
 
 
+def process_rank() -> int:
+    """This process's rank in a distributed run (0 when alone).
+
+    From torch.distributed once its process group is up, else from ``RANK``, which
+    ``accelerate launch`` and ``torchrun`` set for every process they start.
+    """
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def is_writer_rank() -> bool:
     """False in the processes of a distributed run other than rank 0."""
-    distributed = torch.distributed
-    return not (distributed.is_available() and distributed.is_initialized()) or distributed.get_rank() == 0
+    return process_rank() == 0
 
 
 def _write(path: Path, data: bytes) -> None:

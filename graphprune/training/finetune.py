@@ -1,7 +1,12 @@
 """Fine-tuning of a traced graph itself (not the source model), with its own task loss.
 
-Training runs through HF ``accelerate``: the same code uses one CPU here, and
-several GPUs or machines under ``accelerate launch``. Whatever a pass put into the
+Training runs through HF ``accelerate``: the same code uses one CPU or GPU, and runs
+data-parallel over several processes, GPUs or machines under ``accelerate launch``
+(one copy of the graph per process, gradients averaged). ``batch_size`` is the
+global batch: every optimizer step sees the same ``batch_size`` examples however many
+processes share them (each computes its slice), so N processes train the same model
+as one, to float rounding. Progress bars and logs come from rank 0 only, and
+checkpoints are written by rank 0 only. Whatever a pass put into the
 graph (masks as parametrizations or ``torch.nn.utils.prune`` hooks, fake-quantizers
 as modules) is part of ``graph.module`` and so takes part in training. Callbacks
 get a hook after every optimiser step, which is where gradual pruning lives.
@@ -44,7 +49,7 @@ class FinetuneConfig:
     epochs: float = 2.0
     max_steps: int | None = None
     batch_size: int = 32
-    max_length: int = 64
+    max_length: int = 64  # batch_size: the global batch, over all processes
     subset: int | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -110,6 +115,28 @@ def distillation_loss(student, teacher, task_loss, temperature: float, weight: f
     return (1 - weight) * task_loss + weight * kd
 
 
+def _slice_for_process(batch: dict, rank: int, processes: int, device) -> tuple[dict, torch.Tensor]:
+    """This process's rows of a global batch (on ``device``) and how many loss terms they hold.
+
+    Loss terms: labelled targets (``labels`` not -100: examples, or tokens for token-level
+    tasks), else rows. Rows are split as evenly as possible, in order.
+    """
+    batch = dict(batch)
+    rows = len(batch["input_ids"])
+    if processes > 1:
+        if rows < processes:
+            raise ValueError(
+                f"finetune: a batch of {rows} examples cannot be shared by {processes} processes; use a batch_size "
+                "and a dataset size that leave every process at least one example per batch"
+            )
+        start, stop = rows * rank // processes, rows * (rank + 1) // processes
+        batch = {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == rows else v for k, v in batch.items()}
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    labels = batch.get("labels")
+    terms = (labels != -100).sum() if isinstance(labels, torch.Tensor) else torch.tensor(len(batch["input_ids"]))
+    return batch, terms.to(device=device, dtype=torch.float32)
+
+
 def finetune(
     graph: Graph,
     train_data,
@@ -151,6 +178,13 @@ def finetune(
         raise ValueError(f"finetune: dataset {data_name(train_data)!r} is empty")
     total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size < processes:
+        raise ValueError(
+            f"finetune: batch_size = {config.batch_size} is not allowed with {processes} processes; it is the global "
+            f"batch, shared by the processes, so expected an integer >= {processes}"
+        )
+    main = accelerator.is_main_process
     for g in (graph, teacher):
         if g is not None and next(g.module.parameters()).device != accelerator.device:
             g.to(accelerator.device)  # also moves the devices export baked into the graph
@@ -172,16 +206,19 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
     )
-    module, optimizer, loader, schedule = accelerator.prepare(module, optimizer, loader, schedule)
+    # The loader is not prepared: every process reads the same global batches and takes its
+    # own slice (accelerate's sharding would give each process whole batches, or pad the last).
+    module, optimizer = accelerator.prepare(module, optimizer)
     teacher_module = teacher.module.eval() if teacher is not None else None
     targets = set(model_call_of(graph.module).targets)
 
     result = FinetuneResult(steps=0)
     module.train()
-    bar = tqdm(total=total, desc="finetune", disable=not config.progress)
+    bar = tqdm(total=total, desc="finetune", disable=not config.progress or not main)
     try:
         while result.steps < total:
             for batch in loader:
+                batch, share = _slice_for_process(batch, rank, processes, accelerator.device)
                 out = module(**batch)
                 loss = out.get("loss")
                 if loss is None:
@@ -191,25 +228,30 @@ def finetune(
                     with torch.no_grad():
                         teacher_out = teacher_module(**inputs)
                     loss = distillation_loss(out, teacher_out, loss, config.kd_temperature, config.kd_weight, batch.get("attention_mask"))
-                accelerator.backward(loss)
+                # Each process's loss is a mean over its slice; weighted by the slice's share of the
+                # batch's loss terms, the gradients DDP averages are those of the global batch's mean.
+                weight = share * processes / accelerator.reduce(share.clone(), reduction="sum") if processes > 1 else 1.0
+                accelerator.backward(loss * weight)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad()
+                step_loss = accelerator.reduce((loss * weight).detach(), reduction="mean").item()
                 result.steps += 1
-                result.losses.append(loss.item())
+                result.losses.append(step_loss)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{step_loss:.4f}")
                 for callback in callbacks:
                     callback.on_step_end(graph, result.steps, total)
                 if result.steps % steps_per_epoch == 0 or result.steps == total:
-                    if eval_data is not None:
+                    if eval_data is not None:  # every process evaluates the whole set: the same numbers
                         metrics = evaluate(
                             graph, eval_data, tokenizer, batch_size=config.eval_batch_size, max_length=config.max_length,
                             collate_fn=collate_fn, progress=False,
                         )
                         result.evaluations.append({"step": result.steps, **metrics})
                         accuracy = "-" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}"
-                        bar.write(f"step {result.steps}: {data_name(eval_data)} accuracy {accuracy} loss {metrics['loss']:.4f}")
+                        if main:
+                            bar.write(f"step {result.steps}: {data_name(eval_data)} accuracy {accuracy} loss {metrics['loss']:.4f}")
                     module.train()
                 if result.steps >= total:
                     break

@@ -1,0 +1,60 @@
+"""One process of a data-parallel fine-tune, for tests/training/test_distributed.py.
+
+Run as ``accelerate launch --multi_gpu --num_processes 2 distributed_worker.py OUT`` (or
+plainly, for one process): fine-tunes a pruned tiny BERT (no dropout) for 5 steps with a
+global batch of 16 and writes ``OUT/rank<R>.json`` (its losses, how many masked weights
+are non-zero, the number of processes) and, from every rank, ``graph.save(OUT/graph)``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: tests.models
+
+import graphprune  # noqa: E402
+from tests.models import TINY, sentiment_data, tiny_tokenizer  # noqa: E402
+
+STEPS, BATCH = 5, 16
+
+
+def pruned_tiny_graph():
+    torch.manual_seed(0)
+    config = tf.BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    graph = graphprune.trace(tf.BertForSequenceClassification(config).eval())
+    graph, _ = graphprune.run_pass(graph, "prune_weight", {"method": "l1", "sparsity": 0.5})
+    return graph
+
+
+def masked_nonzeros(graph) -> int:
+    """Weights a mask zeroes that are not zero in the module's effective weight."""
+    count = 0
+    for module in graph.module.modules():
+        mask = getattr(module, "weight_mask", None)
+        if mask is None and hasattr(module, "parametrizations"):
+            mask = getattr(module.parametrizations.weight[0], "mask", None)
+        if isinstance(mask, torch.Tensor):
+            count += int((module.weight[~mask.bool()] != 0).sum())
+    return count
+
+
+def run(out: Path, batch_size: int = BATCH) -> dict:
+    graph = pruned_tiny_graph()
+    result = graphprune.finetune(graph, sentiment_data(96), tiny_tokenizer(), max_steps=STEPS, batch_size=batch_size,
+                                 max_length=16, learning_rate=1e-3, warmup_ratio=0.0, progress=False)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    report = {"losses": result.losses, "masked_nonzeros": masked_nonzeros(graph), "processes": world,
+              "weights": graph.module.get_submodule("bert.encoder.layer.0.intermediate.dense").weight.detach().flatten()[:64].tolist()}
+    graph.save(out / "graph")
+    (out / f"rank{rank}.json").write_text(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    run(Path(sys.argv[1]))

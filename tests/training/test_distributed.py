@@ -1,0 +1,80 @@
+"""Data-parallel fine-tuning under ``accelerate launch``: two CPU processes (gloo) train the
+same model as one process with the same global batch, keep pruned weights at zero in
+every rank, and write one checkpoint."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import graphprune
+
+from . import distributed_worker as worker
+
+pytest.importorskip("accelerate")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, processes: int = 2):
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
+        str(Path(worker.__file__)), str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    done = launch(out)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def test_two_processes_train_what_one_process_trains_with_the_same_global_batch(two_processes, tmp_path):
+    _, ranks = two_processes
+    assert [r["processes"] for r in ranks] == [2, 2]
+    alone = worker.run(tmp_path)
+    assert alone["processes"] == 1
+    for rank in ranks:
+        assert len(rank["losses"]) == worker.STEPS
+        assert max(abs(a - b) for a, b in zip(rank["losses"], alone["losses"])) <= 1e-5
+        assert max(abs(a - b) for a, b in zip(rank["weights"], alone["weights"])) <= 1e-5
+    assert ranks[0]["weights"] == ranks[1]["weights"]  # gradients averaged: one model in both ranks
+    half = worker.run(tmp_path / "half", batch_size=worker.BATCH // 2)  # what each process computed on
+    assert max(abs(a - b) for a, b in zip(half["losses"], alone["losses"])) > 1e-4  # so the comparison can tell
+
+
+def test_pruned_weights_stay_zero_in_every_rank_and_one_checkpoint_is_written(two_processes):
+    out, ranks = two_processes
+    assert [r["masked_nonzeros"] for r in ranks] == [0, 0]
+    assert sorted(p.name for p in out.iterdir()) == ["graph", "rank0.json", "rank1.json"]  # no second or staging copy
+    graph = graphprune.load(out / "graph")
+    weights = graph.module.get_submodule("bert.encoder.layer.0.intermediate.dense").weight.detach().flatten()[:64].tolist()
+    assert weights == ranks[0]["weights"]
+    assert worker.masked_nonzeros(graph) == 0
+
+
+def test_a_batch_is_shared_in_order_and_one_smaller_than_the_processes_is_refused():
+    import torch
+
+    from graphprune.training.finetune import _slice_for_process
+
+    batch = {"input_ids": torch.arange(10).reshape(5, 2), "labels": torch.tensor([0, 1, -100, 1, 0])}
+    parts = [_slice_for_process(batch, rank, 2, "cpu") for rank in range(2)]
+    assert torch.equal(torch.cat([p["input_ids"] for p, _ in parts]), batch["input_ids"])
+    assert [int(terms) for _, terms in parts] == [2, 2]  # loss terms: labelled rows (-100 is ignored)
+    with pytest.raises(ValueError, match="cannot be shared by 2 processes"):
+        _slice_for_process({"input_ids": torch.ones(1, 4, dtype=torch.long)}, 0, 2, "cpu")
