@@ -37,8 +37,7 @@ from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import compare_latency
 from graphprune.ir.runtime import compile_module
-from passes.quantization.lower import cpu_description
-from report import table, write_json  # bench/report.py: this script runs from bench/
+from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QAT_STEPS = 100  # batch 32: a third of an epoch of the 10k training snippets
@@ -148,9 +147,8 @@ def main() -> None:
     parser.add_argument("--qat-steps", type=int, default=QAT_STEPS, help=f"distilled QAT steps per width (default {QAT_STEPS})")
     args = parser.parse_args()
     start = time.perf_counter()
-    machine = cpu_description()
-    log(f"CPU: {machine['cpu']}, {machine['cores']} cores, flags {' '.join(machine['flags'])}; native bf16: {machine['native_bf16']}; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    machine = describe_machine()
+    log(machine_line(machine))
     base = load_baseline()
     tokenizer = load_tokenizer("minilm")
     splits = load_rotten_tomatoes()

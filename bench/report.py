@@ -24,3 +24,19 @@ def write_json(path: Path, results: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(path)
+
+
+def machine() -> dict:
+    """The CPU, its flags, the ISA oneDNN dispatches to (asked of oneDNN) and torch: every result's header."""
+    import torch
+
+    from graphprune.ir.cpu import cpu_description
+
+    return {**cpu_description(ask_onednn=True), "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def machine_line(description: dict) -> str:
+    """The header line a benchmark prints first."""
+    from graphprune.ir.cpu import describe_line
+
+    return f"{describe_line(description)}; torch {description['torch']}, {description['threads']} threads"

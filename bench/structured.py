@@ -27,7 +27,6 @@ examples and steps; a smoke run whose numbers are not the benchmark's).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_minilm, load_tokenizer
 from graphprune.training.timing import compare_latency
-from report import table, write_json  # bench/report.py: this script runs from bench/
+from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.75, 0.6, 0.5, 0.4, 0.3)
@@ -196,6 +195,8 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help=f"FLOPs budgets (default {' '.join(map(str, BUDGETS))})")
     args = parser.parse_args()
     start = time.perf_counter()
+    machine = describe_machine()
+    log(machine_line(machine))
     base = load_baseline()
     tokenizer = load_tokenizer("minilm")
     splits = load_rotten_tomatoes()
@@ -204,8 +205,7 @@ def main() -> None:
     lat8, lat1 = latency_inputs(splits["test"], tokenizer, 8), latency_inputs(splits["test"], tokenizer, 1)
     dense = graphprune.evaluate(base, test, tokenizer, progress=False)["accuracy"]
     dense_params = sum(p.numel() for p in base.module.parameters())
-    log(f"MiniLM baseline: test accuracy {dense:.4f} on {len(test)} snippets; {dense_params / 1e6:.2f}M params; "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.machine()}")
+    log(f"MiniLM baseline: test accuracy {dense:.4f} on {len(test)} snippets; {dense_params / 1e6:.2f}M params")
     budgets = (0.6, 0.4) if args.quick else args.budgets
     search_options = {"num_samples": 256, "reconstruct_samples": 128, "score_samples": 64} if args.quick else {}
     steps = 10 if args.quick else args.recovery_steps
@@ -273,7 +273,7 @@ def main() -> None:
     suffix = "_quick" if args.quick else "" if tuple(budgets) == BUDGETS else "_budgets_" + "_".join(map(str, budgets))
     plot(rows, RESULTS / f"structured{suffix}.png")
     results = {
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine,
         "test_examples": len(test), "dense_accuracy": dense, "recovery_steps": steps, "rows": rows, "bert_base": base_timing,
         "targets": targets, "seconds": round(time.perf_counter() - start, 1),
     }

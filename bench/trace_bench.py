@@ -19,7 +19,6 @@ Targets: trace with metadata <= 1.5x bare export; graph forward <= 1.05x eager.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -31,7 +30,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import graphprune
 from graphprune.ir.calls import ModelCall
 from graphprune.ir.tracing import _dynamic_shapes
-from report import write_json  # bench/report.py: this script runs from bench/
+from report import machine as describe_machine, machine_line, write_json  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results" / "trace.json"
 
@@ -50,12 +49,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args()
 
+    machine = describe_machine()
+    print(machine_line(machine))
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig()).eval()  # bert-base: 12 layers, 768 hidden
     inputs = ModelCall.for_model(model).example_inputs(graphprune.dummy_inputs(model))  # what trace exports
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"bert-base BertForSequenceClassification, {n_params / 1e6:.1f}M parameters; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    print(f"bert-base BertForSequenceClassification, {n_params / 1e6:.1f}M parameters")
 
     export_times, trace_times = [], []
     graph = None
@@ -123,7 +123,7 @@ def main() -> None:
     print(graph.summary(seq_len=args.seq))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     results = {
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine,
         "model": "bert-base BertForSequenceClassification (random weights)",
         "params": n_params,
         "export_s": export_t,

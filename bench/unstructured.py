@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import statistics
 import tempfile
 import time
@@ -42,7 +41,7 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import compare_latency
-from report import table, write_json  # bench/report.py: this script runs from bench/
+from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
@@ -194,14 +193,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 200 test snippets, few steps")
     args = parser.parse_args()
     start = time.perf_counter()
+    machine = describe_machine()
+    log(machine_line(machine))
     base = load_baseline()
     tokenizer = load_tokenizer("minilm")
     splits = load_rotten_tomatoes()
     test = splits["test"].subset(200) if args.quick else splits["test"]
     calibration = CalibrationData(splits["train"], tokenizer)
     dense = graphprune.evaluate(base, test, tokenizer, progress=False)["accuracy"]
-    log(f"MiniLM baseline: test accuracy {dense:.4f} on {len(test)} snippets; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {platform.machine()}")
+    log(f"MiniLM baseline: test accuracy {dense:.4f} on {len(test)} snippets")
 
     log("\n1. one-shot pruning of the encoder's Linear weights")
     shot = one_shot(base, test, tokenizer, calibration, args.quick)
@@ -256,7 +256,7 @@ def main() -> None:
     suffix = "_quick" if args.quick else ""
     plot(shot, dense, RESULTS / f"unstructured{suffix}.png")
     results = {
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "machine": machine,
         "test_examples": len(test), "dense_accuracy": dense, "one_shot": shot, "recovery": rec, "costs": cost, "targets": targets,
         "seconds": round(time.perf_counter() - start, 1),
     }

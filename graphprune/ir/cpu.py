@@ -12,9 +12,9 @@ Why the int8 scheme depends on it: with VNNI (``vpdpbusd``) or AMX, u8 x s8 prod
 accumulate straight into int32. Without it oneDNN multiplies with ``vpmaddubsw``, which
 adds each pair of u8 x s8 products into an int16 that saturates (255 * 127 * 2 > 32767),
 so a kernel on 8-bit activations is not the arithmetic it claims. 7-bit activations
-(0..127, "reduce_range", as ONNX Runtime's and torchao's guides advise for such CPUs)
-keep every pair within int16 (127 * 128 * 2 = 32512): exact again, at a small cost in
-activation resolution.
+(0..127, "reduce_range" as ONNX Runtime's and torchao's guides call it and advise for such CPUs)
+keep every pair within int16 (127 * 128 * 2 = 32512), and so do 7-bit weights (-64..63:
+255 * 64 * 2 = 32640): exact again, at a small cost in resolution.
 """
 
 from __future__ import annotations
@@ -51,11 +51,25 @@ ISA_ALIASES = {"avx512_core_fp16": "avx10_1_512", "avx512_core_amx": "avx10_1_51
 INT8_ACCUMULATING = {"avx2_vnni", "avx2_vnni_2", "avx512_core_vnni", "avx512_core_bf16", "avx10_1_512", "avx10_1_512_amx"}
 BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # AVX-512 BF16, AMX, Arm's BF16
 
-# The int8 schemes ``lower`` knows: activation range, and whether the kernels need VNNI/AMX to be exact.
+# The int8 schemes ``lower`` knows: unsigned activation and signed weight ranges. A kernel
+# without VNNI/AMX adds two products a * w into an int16, so a scheme is exact there when
+# 2 * activation_max * max|w| <= 32767: u7s8 (activations 0..127, torchao's and ONNX
+# Runtime's "reduce_range") and u8s7 (weights -64..63) are; u8s8 is not (65280).
 SCHEMES = {
-    "u8s8": {"activation_max": 255, "needs": "VNNI or AMX (int32 accumulation)"},
-    "reduce_range": {"activation_max": 127, "needs": "nothing beyond AVX2: 7-bit activations cannot saturate int16 pair sums"},
+    "u8s8": {"activations": (0, 255), "weights": (-128, 127)},
+    "u7s8": {"activations": (0, 127), "weights": (-128, 127)},
+    "u8s7": {"activations": (0, 255), "weights": (-64, 63)},
 }
+INT16_MAX = 32767
+# Which exact scheme a CPU without int32 accumulation gets: chosen by measurement on the
+# fine-tuned MiniLM (bench/int8_isa.py; README, Quantization).
+NON_VNNI_SCHEME = "u7s8"
+
+
+def pair_sum_bound(scheme: str) -> int:
+    """The largest |a1 w1 + a2 w2| a scheme's values can make: what an int16 pair sum must hold."""
+    low, high = SCHEMES[scheme]["weights"]
+    return 2 * SCHEMES[scheme]["activations"][1] * max(-low, high)
 
 
 @lru_cache(maxsize=1)
@@ -119,8 +133,13 @@ def int8_accumulates_in_int32(isa: str | None = None) -> bool:
 
 
 def int8_scheme(isa: str | None = None) -> str:
-    """The int8 scheme whose kernels are exact at this ISA: ``"u8s8"`` with VNNI/AMX, else ``"reduce_range"``."""
-    return "u8s8" if int8_accumulates_in_int32(isa) else "reduce_range"
+    """The int8 scheme ``lower`` uses at this ISA: ``"u8s8"`` with VNNI/AMX, else the exact ``NON_VNNI_SCHEME``."""
+    return "u8s8" if int8_accumulates_in_int32(isa) else NON_VNNI_SCHEME
+
+
+def exact_at(scheme: str, isa: str | None = None) -> bool:
+    """Whether oneDNN's int8 kernels compute ``scheme`` exactly at this ISA (no int16 saturation)."""
+    return int8_accumulates_in_int32(isa) or pair_sum_bound(scheme) <= INT16_MAX
 
 
 def native_bf16() -> bool:

@@ -70,16 +70,17 @@ def machine_mismatch(meta: dict) -> str | None:
         if not cpu.native_bf16():
             return f"this bf16 graph was {where}; {here}, without native bf16, so bf16 is emulated and slower than fp32: {relower} to int8"
         return None
-    recorded, needed = lowered.get("scheme") or "u8s8", cpu.int8_scheme()
-    if recorded == needed:
-        return None
-    if recorded == "u8s8":
+    recorded = lowered.get("scheme") or "u8s8"
+    if not cpu.exact_at(recorded):
         return (
-            f"this int8 graph was {where} with 8-bit activations (scheme u8s8); {here}, without VNNI or AMX, where "
-            f"those kernels saturate their int16 pair sums, so its outputs will not be the int8 arithmetic it was "
-            f"calibrated for: {relower}, which picks scheme reduce_range here"
+            f"this int8 graph was {where} with scheme {recorded} (8-bit activations and weights); {here}, without "
+            f"VNNI or AMX, where those kernels saturate their int16 pair sums, so its outputs will not be the int8 "
+            f"arithmetic it was calibrated for: {relower}, which picks scheme {cpu.int8_scheme()} here"
         )
-    return (
-        f"this int8 graph was {where} with 7-bit activations (scheme reduce_range); {here}, which accumulates in "
-        f"int32 and runs 8-bit activations exactly: it runs correctly, and {relower} for scheme u8s8's finer activations"
-    )
+    if recorded != cpu.int8_scheme():
+        return (
+            f"this int8 graph was {where} with scheme {recorded} (7-bit activations or weights); {here}, which "
+            f"accumulates in int32 and runs 8-bit values exactly: it runs correctly, and {relower} for scheme "
+            f"{cpu.int8_scheme()}'s finer steps"
+        )
+    return None

@@ -11,10 +11,12 @@ really faster:
   per call (no data needed). ``torch.compile`` with inductor's freezing then fuses each
   quantize / int8 matmul / dequantize into oneDNN int8 kernels. The int8 ``scheme``
   follows the CPU (``graphprune.ir.cpu``): ``"u8s8"`` (activations 0..255) where oneDNN
-  accumulates in int32 (VNNI or AMX), ``"reduce_range"`` (7-bit activations, 0..127)
-  where it does not (AVX2 or AVX-512 without VNNI), since 8-bit activations there
-  saturate the kernels' int16 pair sums and the compiled graph would not compute what
-  its reference arithmetic says. ``ONEDNN_MAX_CPU_ISA`` (set before the process starts)
+  accumulates in int32 (VNNI or AMX); where it does not (AVX2 or AVX-512 without VNNI)
+  8-bit activations times 8-bit weights saturate the kernels' int16 pair sums and the
+  compiled graph would not compute what its reference arithmetic says, so one side
+  gives up a bit: ``"u7s8"`` (7-bit activations, 0..127: "reduce_range") or ``"u8s7"``
+  (7-bit weights, -64..63), whichever ``graphprune.ir.cpu.NON_VNNI_SCHEME`` names
+  (chosen by accuracy on the fine-tuned MiniLM, ``bench/int8_isa.py``). ``ONEDNN_MAX_CPU_ISA`` (set before the process starts)
   is honoured, so ``ONEDNN_MAX_CPU_ISA=AVX2`` makes a VNNI machine lower as an AVX2 one.
   The classifier head (``skip``, default pooler and classifier) stays float: it
   is a sliver of the FLOPs and the layer most sensitive to rounding.
@@ -55,7 +57,7 @@ Config fields:
     compile: compile for speed (default true); false leaves the lowered graph eager
         (reference int8 arithmetic in float: same numbers, no speed-up).
     allow_emulated_bf16: lower to bf16 on a CPU without native bf16 (default false).
-    scheme: int8 scheme, auto (default: from the CPU, as above) | u8s8 | reduce_range.
+    scheme: int8 scheme, auto (default: from the CPU, as above) | u8s8 | u7s8 | u8s7.
         ``graph.meta["lowered"]`` records the scheme and the ISA it was chosen for; loading
         the graph where another scheme is needed warns.
     seed: for the calibration subset.
@@ -70,6 +72,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import shutil
 import time
@@ -310,15 +313,14 @@ def lower(graph, config: LowerConfig, data=None):
 
 def _int8_scheme(config: LowerConfig, isa: str | None) -> str:
     """The configured scheme, or for "auto" the one whose kernels are exact at this ISA (see graphprune.ir.cpu)."""
-    exact = cpu.int8_scheme(isa)
     if config.scheme == "auto":
-        return exact
-    if config.scheme == "u8s8" and exact != "u8s8":
+        return cpu.int8_scheme(isa)
+    if not cpu.exact_at(config.scheme, isa):
         warnings.warn(
-            f"{NAME}: scheme 'u8s8' on this CPU (oneDNN ISA {isa}, no VNNI or AMX): its int8 kernels add u8 x s8 "
-            "products in pairs into int16, which saturates on 8-bit activations, so the compiled graph will not "
-            "compute what its reference arithmetic says. Keep it only for a graph you will load on a VNNI/AMX CPU; "
-            "scheme 'auto' picks 'reduce_range' here",
+            f"{NAME}: scheme {config.scheme!r} on this CPU (oneDNN ISA {isa}, no VNNI or AMX): its int8 kernels add "
+            "u8 x s8 products in pairs into int16, which 8-bit activations times 8-bit weights saturate, so the "
+            "compiled graph will not compute what its reference arithmetic says. Keep it only for a graph you will "
+            f"load on a VNNI/AMX CPU; scheme 'auto' picks {cpu.int8_scheme(isa)!r} here",
             stacklevel=3,
         )
     return config.scheme
@@ -329,11 +331,7 @@ def _quantize_int8(exported: fx.GraphModule, config: LowerConfig, scheme: str, b
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
 
     quantizer = x86.X86InductorQuantizer()
-    quantizer.set_global(
-        x86.get_default_x86_inductor_quantization_config(
-            is_dynamic=config.activations == "dynamic", reduce_range=scheme == "reduce_range"
-        )
-    )
+    quantizer.set_global(_scheme_config(x86, scheme, dynamic=config.activations == "dynamic"))
     for name in _skipped_modules(exported, config.skip):
         quantizer.set_module_name_qconfig(name, None)
     prepared = prepare_pt2e(exported, quantizer)
@@ -346,6 +344,14 @@ def _quantize_int8(exported: fx.GraphModule, config: LowerConfig, scheme: str, b
     count = sum(1 for n in converted.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default
                 and _is_dequantized(n.args[1]))
     return converted, count
+
+
+def _scheme_config(x86, scheme: str, *, dynamic: bool):
+    """torchao's x86 inductor config with the scheme's activation and weight ranges."""
+    activations, weights = cpu.SCHEMES[scheme]["activations"], cpu.SCHEMES[scheme]["weights"]
+    default = x86.get_default_x86_inductor_quantization_config(is_dynamic=dynamic, reduce_range=activations[1] == 127)
+    weight = dataclasses.replace(default.weight, quant_min=weights[0], quant_max=weights[1])
+    return dataclasses.replace(default, weight=weight)
 
 
 def _skipped_modules(exported: fx.GraphModule, prefixes: tuple[str, ...]) -> list[str]:

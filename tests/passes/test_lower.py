@@ -6,6 +6,8 @@ import pytest
 import torch
 
 import graphprune
+from graphprune.ir import cpu
+from graphprune.ir.cpu import SCHEMES
 from graphprune.ir.fx_utils import fetch_attr
 from passes.quantization import lower as lower_module
 
@@ -51,20 +53,23 @@ def quantized_weights(graph) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     return found
 
 
-def test_int8_weights_are_the_symmetric_per_channel_formula(model):
+@pytest.mark.parametrize("scheme", ["auto", *SCHEMES])
+def test_int8_weights_are_the_symmetric_per_channel_formula(model, scheme, recwarn):
     graph = trace_once(model)
-    low, info = lowered(graph)
+    low, info = lowered(graph, scheme=scheme)
+    assert info["scheme"] == (cpu.int8_scheme() if scheme == "auto" else scheme)
     found = quantized_weights(low)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".encoder." in f".{n}"}
     assert info["lowered_linears"] == ENCODER_LINEARS == len(found)
     assert set(found) == set(linears)  # pooler and classifier kept in float (skip)
+    low_q, high_q = SCHEMES[info["scheme"]]["weights"]  # -128..127, or -64..63 for u8s7
     for path, (q, scale) in found.items():
         w = linears[path].weight.detach()
-        expected_scale = w.abs().amax(dim=1) / 127.5  # symmetric int8: max |w| over (127 - (-128)) / 2
+        expected_scale = w.abs().amax(dim=1) / ((high_q - low_q) / 2)  # symmetric: max |w| over half the range
         assert q.dtype == torch.int8
         torch.testing.assert_close(scale.float(), expected_scale, rtol=1e-6, atol=0)
         exact = w / expected_scale[:, None]
-        expected_q = torch.clamp(torch.round(exact), -128, 127)
+        expected_q = torch.clamp(torch.round(exact), low_q, high_q)
         off = q.float() != expected_q
         # torch rounds w * (1 / scale): only values within float error of a tie may land on the other side
         assert (q.float() - expected_q).abs().max() <= 1
@@ -100,23 +105,23 @@ def test_the_chosen_scheme_is_exact_on_this_cpus_int8_kernels():
     Oracle: the integer products summed exactly (float64 holds them), times the scales. An
     exact kernel is off by fp32 rounding alone; a saturating one by a large fraction of the output.
     """
-    from graphprune.ir import cpu
-
     scheme = cpu.int8_scheme()
-    top = cpu.SCHEMES[scheme]["activation_max"]
+    top = SCHEMES[scheme]["activations"][1]
+    low_q, high_q = SCHEMES[scheme]["weights"]
     assert lower_module._int8_scheme(lower_module.LowerConfig(), cpu.onednn_isa()) == scheme
     torch.manual_seed(0)
     x_q = torch.randint(top - 8, top + 1, (16, 256), dtype=torch.uint8)  # activations at the top of the scheme's range
-    w_q = torch.full((64, 256), 127, dtype=torch.int8)
-    w_q[32:] = -128
+    w_q = torch.full((64, 256), high_q, dtype=torch.int8)  # weights at both ends of it
+    w_q[32:] = low_q
     w_scale = 0.001 + 0.01 * torch.rand(64)
     out = onednn_int8_linear(x_q, 0.05, w_q, w_scale).double()
     exact = (x_q.double() @ w_q.double().T) * 0.05 * w_scale.double()
     assert (out - exact).abs().max() <= 4 * torch.finfo(torch.float32).eps * exact.abs().max()
 
 
-def test_eight_bit_activations_saturate_without_vnni_in_a_fresh_process(tmp_path):
-    """Why the scheme matters: under ONEDNN_MAX_CPU_ISA=AVX2 the same kernel on 8-bit activations is far off."""
+def test_eight_bit_values_saturate_without_vnni_and_seven_bit_ones_do_not(tmp_path):
+    """Why the scheme matters: under ONEDNN_MAX_CPU_ISA=AVX2 (a fresh process) the kernel on u8 x s8 is far off,
+    on u7 x s8 and u8 x s7 exact."""
     import os
     import subprocess
     import sys
@@ -128,21 +133,25 @@ def test_eight_bit_activations_saturate_without_vnni_in_a_fresh_process(tmp_path
         from graphprune.ir import cpu
         torch.manual_seed(0)
         rows = []
-        for top in (255, 127):
+        for name, scheme in cpu.SCHEMES.items():
+            top, low = scheme["activations"][1], scheme["weights"][0]
             x_q = torch.full((4, 64), top, dtype=torch.uint8)
-            w_q = torch.full((8, 64), 127, dtype=torch.int8)
+            w_q = torch.full((8, 64), low, dtype=torch.int8)
             packed = torch.ops.onednn.qlinear_prepack(w_q, [4, 64])
             out = torch.ops.onednn.qlinear_pointwise(x_q, 1.0, 0, packed, torch.ones(8), torch.zeros(8, dtype=torch.long),
                                                      None, 1.0, 0, torch.float32, "none", [], "")
-            rows.append(out.double().max().item() / (top * 127 * 64))
+            rows.append(f"{name}={out.double().min().item() / (top * low * 64)}")
         print(cpu.onednn_isa(), cpu.int8_scheme(), *rows)
     '''))
     env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, check=True)
-    isa, scheme, ratio_u8, ratio_u7 = done.stdout.split()
-    assert (isa, scheme) == ("avx2", "reduce_range")
-    assert float(ratio_u7) == pytest.approx(1.0, abs=1e-6)  # 127 * 127 * 2 fits int16
-    assert float(ratio_u8) < 0.6  # 255 * 127 * 2 does not: pair sums clamp at 32767
+    isa, scheme, *rows = done.stdout.split()
+    ratios = {name: float(value) for name, value in (row.split("=") for row in rows)}
+    assert (isa, scheme) == ("avx2", cpu.NON_VNNI_SCHEME)
+    assert ratios["u7s8"] == pytest.approx(1.0, abs=1e-6)  # 127 * 128 * 2 fits int16
+    assert ratios["u8s7"] == pytest.approx(1.0, abs=1e-6)  # 255 * 64 * 2 fits int16
+    assert ratios["u8s8"] < 0.6  # 255 * 128 * 2 does not: pair sums clamp at -32768
+    assert {name for name in SCHEMES if cpu.pair_sum_bound(name) <= cpu.INT16_MAX} == {"u7s8", "u8s7"}
 
 
 @needs_compiler
@@ -244,7 +253,8 @@ def test_simulated_quantization_is_folded_then_replaced(model):
     # The int8 weights come from the 8-bit fixed-point weights the simulated graph used.
     query = next(m for n, m in simulated.module.named_modules() if n == "bert.encoder.layer.0.attention.self.query")
     q, scale = quantized_weights(low)["bert.encoder.layer.0.attention.self.query"]
-    torch.testing.assert_close(scale, query.weight.detach().abs().amax(dim=1) / 127.5, rtol=1e-6, atol=0)
+    low_q, high_q = SCHEMES[info["scheme"]]["weights"]
+    torch.testing.assert_close(scale, query.weight.detach().abs().amax(dim=1) / ((high_q - low_q) / 2), rtol=1e-6, atol=0)
 
 
 def test_bf16_linears_compute_in_bf16(model):
@@ -262,8 +272,6 @@ def test_bf16_linears_compute_in_bf16(model):
 def test_missing_kernels_are_errors_naming_what_is_missing(model, monkeypatch):
     graph = trace_once(model)
     before = graph.module.code
-    from graphprune.ir import cpu
-
     monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "avx512f"})
     with pytest.raises(Exception, match="avx512_bf16"):
         graphprune.run_pass(graph, "lower", {"precision": "bf16"})
@@ -287,13 +295,11 @@ def test_bad_configs_name_the_field(model, config, field):
 
 
 def test_lowered_graph_records_its_scheme_and_warns_when_loaded_where_another_is_needed(model, tmp_path, monkeypatch, capsys):
-    from graphprune.ir import cpu
-
     low, info = lowered(trace_once(model), scheme="u8s8")
     assert low.meta["lowered"]["scheme"] == info["scheme"] == "u8s8" and low.meta["lowered"]["isa"] == cpu.onednn_isa()
     low.save(tmp_path / "int8")
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # as loaded on an AVX2-only CPU (read again on every call)
-    with pytest.warns(graphprune.LoweredForAnotherCPU, match="without VNNI or AMX.*re-lower.*reduce_range"):
+    with pytest.warns(graphprune.LoweredForAnotherCPU, match="without VNNI or AMX.*re-lower.*picks scheme (u7s8|u8s7)"):
         back = graphprune.load(tmp_path / "int8")
     inputs = padded_inputs(model, 2, 10)
     assert torch.equal(logits(back.module, inputs), logits(low.module, inputs))  # eager reference arithmetic: same numbers
@@ -311,14 +317,12 @@ def test_lowered_graph_records_its_scheme_and_warns_when_loaded_where_another_is
 
 
 def test_scheme_follows_the_isa_cap(model, monkeypatch):
-    from graphprune.ir import cpu
-
     zen5 = {"sse4_1", "avx", "avx2", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
     monkeypatch.setattr(cpu, "cpu_flags", lambda: zen5)
     monkeypatch.setattr(cpu, "is_x86_64", lambda: True)
     expected = {
-        None: ("avx512_core_bf16", "u8s8"), "DEFAULT": ("avx512_core_bf16", "u8s8"), "AVX2": ("avx2", "reduce_range"),
-        "AVX2_VNNI": ("avx2_vnni", "u8s8"), "AVX512_CORE": ("avx512_core", "reduce_range"),
+        None: ("avx512_core_bf16", "u8s8"), "DEFAULT": ("avx512_core_bf16", "u8s8"), "AVX2": ("avx2", cpu.NON_VNNI_SCHEME),
+        "AVX2_VNNI": ("avx2_vnni", "u8s8"), "AVX512_CORE": ("avx512_core", cpu.NON_VNNI_SCHEME),
         "avx512_core_vnni": ("avx512_core_vnni", "u8s8"), "AVX512_CORE_AMX": ("avx512_core_bf16", "u8s8"),
     }
     for cap, (isa, scheme) in expected.items():
@@ -329,18 +333,16 @@ def test_scheme_follows_the_isa_cap(model, monkeypatch):
         assert (cpu.onednn_isa(), cpu.int8_scheme()) == (isa, scheme), cap
     monkeypatch.setattr(cpu, "cpu_flags", lambda: {"sse4_1", "avx", "avx2", "fma"})  # the Zen 3
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-    assert (cpu.onednn_isa(), cpu.int8_scheme(), cpu.native_bf16()) == ("avx2", "reduce_range", False)
+    assert (cpu.onednn_isa(), cpu.int8_scheme(), cpu.native_bf16()) == ("avx2", cpu.NON_VNNI_SCHEME, False)
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", "SSE41")  # the legacy name
     assert cpu.onednn_isa() == "sse41"
-    with pytest.warns(UserWarning, match="scheme 'u8s8' on this CPU.*saturates"):
+    with pytest.warns(UserWarning, match="scheme 'u8s8' on this CPU.*saturate"):
         low, info = lowered(trace_once(model), scheme="u8s8", activations="dynamic")
     assert info["scheme"] == "u8s8"
 
 
 def test_a_cpu_that_is_not_x86_gets_a_clear_error_and_the_rest_works(model, monkeypatch):
     import platform
-
-    from graphprune.ir import cpu
 
     graph = trace_once(model)
     monkeypatch.setattr(platform, "machine", lambda: "aarch64")
@@ -355,8 +357,6 @@ def test_a_cpu_that_is_not_x86_gets_a_clear_error_and_the_rest_works(model, monk
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 def test_onednn_reports_the_isa_we_detect():
     """Our reading of the flags and the cap against oneDNN's own word, asked in a fresh process."""
-    from graphprune.ir import cpu
-
     said = cpu.dispatched_isa()
     isa = cpu.onednn_isa()
     assert said is not None

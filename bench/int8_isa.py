@@ -1,0 +1,229 @@
+"""int8 on every CPU: the ``lower`` pass's scheme per oneDNN ISA, on the fine-tuned MiniLM baseline.
+
+oneDNN's u8 x s8 kernels accumulate in int32 only with VNNI or AMX; without it
+(AVX2, AVX-512 without VNNI) they add products in pairs into int16, which 8-bit
+activations times 8-bit weights saturate. ``lower`` therefore picks scheme ``u8s8``
+where the CPU accumulates in int32, and where it does not one of the two exact
+schemes, ``u7s8`` (7-bit activations, "reduce_range") or ``u8s7`` (7-bit weights):
+this benchmark measures which keeps accuracy (``graphprune.ir.cpu.NON_VNNI_SCHEME``).
+
+Each ISA runs in its own process, capped with ``ONEDNN_MAX_CPU_ISA`` (oneDNN reads it
+once, at its first kernel), with MKL and ATen capped alike (``MKL_ENABLE_INSTRUCTIONS``,
+``ATEN_CPU_CAPABILITY``) so that fp32 eager, the reference, runs as on such a CPU too.
+Per ISA, on the test split: fp32 eager and compiled; int8 static and dynamic in each
+of the three schemes (the one ``lower`` picks marked "auto"); for each, accuracy, how far
+the compiled kernels are from the lowered graph's own reference arithmetic (the same
+graph run eagerly: max abs and relative RMS over the logits of 256 test snippets),
+how far that reference is from fp32, and latency at batch 8 x 128 and batch 1 x 64
+against fp32 eager and fp32 compiled (interleaved medians). A Zen 5 capped at AVX2 is not
+a Zen 3 (clocks, caches, MKL's code paths differ): absolute times are this machine's.
+
+Run: ``python bench/int8_isa.py [--isas DEFAULT AVX2 AVX512_CORE] [--quick]``; writes
+``bench/results/int8_isa.json`` and ``int8_isa.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CAPS = {  # ONEDNN_MAX_CPU_ISA -> the MKL and ATen caps of a CPU that tops out there
+    "DEFAULT": {},
+    "AVX2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
+    "AVX512_CORE": {"MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def measure(quick: bool) -> dict:
+    """One ISA's rows, in this process (its caps already in the environment)."""
+    import torch
+
+    import graphprune
+    from graphprune.ir import cpu
+    from graphprune.ir.runtime import compile_module
+    from graphprune.training.baseline import load_baseline
+    from graphprune.training.calibration import CalibrationData
+    from graphprune.training.data import load_rotten_tomatoes
+    from graphprune.training.models import load_tokenizer
+    from graphprune.training.timing import compare_latency
+    from quantize import latency_inputs  # bench/quantize.py: the same latency batches
+    from report import machine
+
+    base = load_baseline()
+    tokenizer = load_tokenizer("minilm")
+    splits = load_rotten_tomatoes()
+    test = splits["test"].subset(300) if quick else splits["test"]
+    calibration = CalibrationData(splits["train"], tokenizer)
+    lat8, lat1 = latency_inputs(splits["test"], tokenizer, 8, 128), latency_inputs(splits["test"], tokenizer, 1, 64)
+    probe = dict(tokenizer(splits["test"].texts[:256], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+    iters = (3, 10) if quick else (15, 40)
+
+    def accuracy(graph) -> float:
+        return graphprune.evaluate(graph, test, tokenizer, progress=False)["accuracy"]
+
+    def logits(graph):
+        with torch.no_grad():
+            return torch.cat([graph.module(**{k: v[i:i + 32] for k, v in probe.items()}).logits for i in range(0, 256, 32)])
+
+    def latency(graph, eager, compiled) -> dict:
+        out = {}
+        for tag, inputs, n in (("b8", lat8, iters[0]), ("b1", lat1, iters[1])):
+            vs_eager = compare_latency(graph.module, eager.module, inputs, iters=n, warmup=3)
+            out[f"ms_{tag}"] = round(vs_eager["candidate_ms"], 2)
+            out[f"speedup_{tag}_vs_eager"] = round(1 / vs_eager["ratio"], 3)
+            out[f"speedup_{tag}_vs_compiled"] = round(1 / compare_latency(graph.module, compiled.module, inputs, iters=n, warmup=3)["ratio"], 3)
+        return out
+
+    fp32_logits = logits(base)
+    compiled = base.copy()
+    compile_module(compiled.module)
+    rows = [{"method": "fp32 eager", "accuracy": accuracy(base)}]
+    rows.append({"method": "fp32 compiled", "accuracy": accuracy(compiled), **latency(compiled, base, compiled)})
+    log(f"  {rows[-1]}")
+    auto = cpu.int8_scheme()
+    for activations in ("static", "dynamic"):
+        for scheme in cpu.SCHEMES:
+            config = {"activations": activations, "scheme": scheme, "num_samples": 256}
+            reference, _ = graphprune.run_pass(base, "lower", {**config, "compile": False}, data=calibration)
+            fast, info = graphprune.run_pass(base, "lower", config, data=calibration)
+            ref_logits, fast_logits = logits(reference), logits(fast)
+            rms = lambda a, b: ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()  # noqa: E731
+            row = {
+                "method": f"int8 {activations} {scheme}" + (" (auto)" if scheme == auto else ""),
+                "scheme": scheme, "auto": scheme == auto, "activations": activations,
+                "exact_here": cpu.exact_at(scheme), "accuracy": accuracy(fast),
+                "kernel_vs_reference_max": round((fast_logits - ref_logits).abs().max().item(), 5),
+                "kernel_vs_reference_rms": round(rms(fast_logits, ref_logits), 5),
+                "reference_vs_fp32_max": round((ref_logits - fp32_logits).abs().max().item(), 5),
+                "reference_vs_fp32_rms": round(rms(ref_logits, fp32_logits), 5),
+                "lower_seconds": info["seconds"], **latency(fast, base, compiled),
+            }
+            rows.append(row)
+            log(f"  {row}")
+            del reference, fast
+            torch._dynamo.reset()
+    dense = rows[0]["accuracy"]
+    for r in rows:
+        r["drop_points"] = round((dense - r["accuracy"]) * 100, 2)
+    return {"machine": machine(), "isa": cpu.onednn_isa(), "auto_scheme": auto, "test_examples": len(test), "rows": rows}
+
+
+def compare(runs: list[dict]) -> dict:
+    """Per scheme and ISA: the compiled graph's distance from its reference, over the same distance where the
+    kernels accumulate in int32 (the uncapped run): 1 means the kernels are as exact as VNNI's."""
+    exact = next((run for run in runs if run["cap"] == "DEFAULT" and run["auto_scheme"] == "u8s8"), None)
+    if exact is None:
+        return {}
+    base = {r["method"].replace(" (auto)", ""): r for r in exact["rows"] if "scheme" in r}
+    out = {}
+    for run in runs:
+        for r in run["rows"]:
+            key = r["method"].replace(" (auto)", "")
+            if "scheme" in r and key in base:
+                out[f"{run['cap']} {key}"] = round(r["kernel_vs_reference_rms"] / base[key]["kernel_vs_reference_rms"], 2)
+    return out
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for run, color in zip(runs, ("tab:blue", "tab:orange", "tab:green")):
+        for r in run["rows"]:
+            if "scheme" in r:
+                marker = "o" if r["auto"] else "x"
+                ax.scatter(r["speedup_b8_vs_eager"], r["accuracy"], color=color, marker=marker, s=60)
+                ax.annotate(f"{r['activations']} {r['scheme']}", (r["speedup_b8_vs_eager"], r["accuracy"]), fontsize=7,
+                            xytext=(3, 3), textcoords="offset points")
+        ax.axhline(run["rows"][0]["accuracy"], color=color, linestyle="--", linewidth=0.8, label=f"{run['isa']}: fp32 (dashed), auto o, others x")
+    ax.set_xlabel("speed-up vs fp32 eager on the same ISA (batch 8 x 128)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("MiniLM int8 per oneDNN ISA: the scheme lower picks (o) and the others (x)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
+    path.with_suffix(".tmp.png").replace(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--isas", nargs="+", default=["DEFAULT", "AVX2"], choices=sorted(CAPS), help="ONEDNN_MAX_CPU_ISA values (default DEFAULT AVX2)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 300 test snippets, few timing iterations")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(measure(args.quick)), flush=True)
+        return
+    start = time.perf_counter()
+    runs = []
+    for cap in args.isas:
+        env = {**os.environ, **CAPS[cap], "ONEDNN_MAX_CPU_ISA": cap}
+        log(f"\n== ONEDNN_MAX_CPU_ISA={cap} {' '.join(f'{k}={v}' for k, v in CAPS[cap].items())} (a fresh process)")
+        child = subprocess.Popen([sys.executable, __file__, "--child"] + (["--quick"] if args.quick else []), env=env,
+                                 stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+        result = None
+        for line in child.stdout:
+            if line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+            else:
+                print(line, end="", flush=True)
+        if child.wait() != 0 or result is None:
+            raise SystemExit(f"the run at ONEDNN_MAX_CPU_ISA={cap} failed (exit {child.returncode})")
+        runs.append({"cap": cap, **result})
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    from report import write_json
+
+    write_json(RESULTS / f"int8_isa{'_quick' if args.quick else ''}.json", {"runs": runs})  # the raw rows, before any summary
+
+    from report import machine_line, table
+
+    columns = ["method", "exact_here", "accuracy", "drop_points", "kernel_vs_reference_max", "kernel_vs_reference_rms", "reference_vs_fp32_max",
+               "ms_b8", "speedup_b8_vs_eager", "speedup_b8_vs_compiled", "speedup_b1_vs_eager", "speedup_b1_vs_compiled"]
+    targets, ratios = {}, compare(runs)
+    for run in runs:
+        log(f"\nint8 at ONEDNN_MAX_CPU_ISA={run['cap']}: {machine_line(run['machine'])}; MiniLM, Rotten Tomatoes test "
+            f"({run['test_examples']} snippets); lower picks {run['auto_scheme']}")
+        log(table(run["rows"], columns, digits=4))
+        auto = [r for r in run["rows"] if r.get("auto")]
+        exact = [r for r in run["rows"] if r.get("exact_here") and r["scheme"] != "u8s8"]
+        targets[run["cap"]] = {
+            "auto_rms_vs_exact_kernels": max((ratios.get(f"{run['cap']} {r['method'].replace(' (auto)', '')}", 1.0) for r in auto)),
+            "auto_worst_drop_points": max(r["drop_points"] for r in auto),
+            "accuracy_within_0.5pt_of_fp32": all(r["drop_points"] <= 0.5 for r in auto),
+            "best_auto_speedup_b8_vs_eager": max(r["speedup_b8_vs_eager"] for r in auto),
+            "best_auto_speedup_b8_vs_compiled": max(r["speedup_b8_vs_compiled"] for r in auto),
+            "mean_drop_by_exact_7bit_scheme": {s: round(sum(r["drop_points"] for r in exact if r["scheme"] == s) / 2, 2)
+                                               for s in ("u7s8", "u8s7")},
+        }
+    log("\nCompiled kernels' distance from the reference arithmetic (relative RMS), over the same with int32 accumulation "
+        "(uncapped run); about 1 = as exact as VNNI, much more = saturating:")
+    log("  " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
+    log("\nTargets (the scheme lower picks, per ISA)")
+    for cap, t in targets.items():
+        log(f"  {cap}: kernels as exact as with int32 accumulation (rms ratio {t['auto_rms_vs_exact_kernels']}, <= 1.5): "
+            f"{'met' if t['auto_rms_vs_exact_kernels'] <= 1.5 else 'NOT met'}; accuracy within 0.5 points of fp32 "
+            f"(worst {t['auto_worst_drop_points']}): {'met' if t['accuracy_within_0.5pt_of_fp32'] else 'NOT met'}; best speed-up "
+            f"at batch 8 {t['best_auto_speedup_b8_vs_eager']}x vs fp32 eager, {t['best_auto_speedup_b8_vs_compiled']}x vs fp32 "
+            f"compiled; mean drop of the exact 7-bit schemes {t['mean_drop_by_exact_7bit_scheme']}")
+    suffix = "_quick" if args.quick else ""
+    plot(runs, RESULTS / f"int8_isa{suffix}.png")
+    results = {"runs": runs, "kernel_rms_vs_int32_accumulation": ratios, "targets": targets, "seconds": round(time.perf_counter() - start, 1)}
+    write_json(RESULTS / f"int8_isa{suffix}.json", results)
+    log(f"\nwrote {RESULTS / f'int8_isa{suffix}.json'} and int8_isa{suffix}.png ({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
