@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import warnings
 
+import torch
 from torch import nn
 
 
@@ -21,3 +22,11 @@ def fetch_attr(root: nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters (or, without any, its buffers) live; the CPU for a module with neither."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")

@@ -9,9 +9,11 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils import _pytree as pytree
 
 from .checkpoint import read_checkpoint, write_checkpoint
-from .fx_utils import quiet_deepcopy
+from .fx_utils import module_device, quiet_deepcopy
 from .masks import masked_tensor_copies
 from .metadata import our_keys
 from .runtime import apply_runtime, inference_only
@@ -73,26 +75,33 @@ class Graph:
     def eval(self) -> "Graph":
         return self.train(False)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the graph's parameters (or, without any, its buffers) live; the CPU for a graph with neither."""
+        return module_device(self.module)
+
     def to(self, device) -> "Graph":
         """Move parameters, buffers and the devices baked into the graph's ops, in place.
 
         ``torch.export`` records the trace device in mask-building ops
-        (``arange(device=cpu)``); those arguments move along with the weights.
+        (``arange(device=cpu)``); those arguments move along with the weights, in
+        args and kwargs of every node, however deeply nested. The shape metadata
+        (``node.meta["val"]``) moves too, so that shape propagation after a pass
+        meets the weights on their device.
         """
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())  # as the moved tensors report it: cuda:0
         self.module.to(device)
 
         def move(value):
-            if isinstance(value, torch.device):
-                return device
-            if isinstance(value, (list, tuple)):
-                return type(value)(move(v) for v in value)
-            return value
+            return device if isinstance(value, torch.device) else value
 
         for node in self.module.graph.nodes:
-            if node.op == "call_function":
-                node.args = move(node.args)
-                node.kwargs = {k: move(v) for k, v in node.kwargs.items()}
+            node.args = fx.node.map_aggregate(node.args, move)
+            node.kwargs = fx.node.map_aggregate(node.kwargs, move)
+            if "val" in node.meta:
+                node.meta["val"] = _fake_on(node.meta["val"], device)
         self.module.recompile()
         return self
 
@@ -180,12 +189,29 @@ def _target_name(target) -> str:
     return getattr(target, "__qualname__", str(target))
 
 
-def load(path) -> Graph:
-    """Load a checkpoint written by ``Graph.save``.
+def _fake_on(val, device: torch.device):
+    """Shape metadata (fake tensors, possibly in tuples) on ``device``, in the fake mode it was made in."""
+
+    def move(fake):
+        if fake.device == device:
+            return fake
+        with fake.fake_mode:
+            return fake.to(device)
+
+    return pytree.tree_map_only(FakeTensor, move, val)
+
+
+def load(path, device=None) -> Graph:
+    """Load a checkpoint written by ``Graph.save``, onto ``device`` (default: the CPU).
+
+    A checkpoint loads onto the CPU, whatever device the graph was saved from; with
+    ``device`` it is then moved there with :meth:`Graph.to`.
 
     Raises ``CheckpointError`` for a missing, truncated, tampered or future-format checkpoint.
 
     Example:
         >>> graph = graphprune.load("runs/minilm-pruned")
+        >>> graph = graphprune.load("runs/minilm-pruned", device="cuda")
     """
-    return Graph(**read_checkpoint(path))
+    graph = Graph(**read_checkpoint(path))
+    return graph if device is None else graph.to(device)

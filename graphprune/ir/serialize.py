@@ -114,7 +114,11 @@ def decode_arg(value, nodes: dict[str, fx.Node]):
     if tag == "dtype":
         return _torch_attr(body, torch.dtype)
     if tag == "device":
-        return torch.device(body)
+        # The tensors load onto the CPU, so the devices baked into the ops (arange(device=...))
+        # follow them there, whatever device the graph was saved from; graphprune.load(path,
+        # device=...) then moves both.
+        torch.device(body)  # still refuse a malformed device
+        return torch.device("cpu")
     if tag == "layout":
         return _torch_attr(body, torch.layout)
     if tag == "memory_format":

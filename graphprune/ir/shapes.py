@@ -15,6 +15,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from .fx_utils import module_device
+
 BATCH = sympy.Symbol("batch")
 SEQ = sympy.Symbol("seq")
 _DIM_SYMBOLS = (BATCH, SEQ)
@@ -57,7 +59,8 @@ def propagate_shapes(gm: fx.GraphModule, inputs: list[dict]) -> None:
     """Recompute ``meta["val"]`` on every node with symbolic ``batch``/``seq`` sizes.
 
     ``inputs`` describes the placeholders in order: ``{"dims": [...], "dtype": "int64"}``
-    where a dim is an int or one of ``"batch"``/``"seq"``.
+    where a dim is an int or one of ``"batch"``/``"seq"``. The inputs are made on the
+    device of ``gm``'s tensors: fake tensors refuse to mix devices, as real ones do.
     """
     shape_env = ShapeEnv()
     mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)
@@ -70,12 +73,13 @@ def propagate_shapes(gm: fx.GraphModule, inputs: list[dict]) -> None:
             symbols[name] = shape_env.create_symintnode(sym, hint=hints[name])
         return symbols[name]
 
+    device = module_device(gm)
     fakes = []
     with mode:
         for spec in inputs:
             dims = [symint(d) if isinstance(d, str) else d for d in spec["dims"]]
             dtype = getattr(torch, spec["dtype"])
-            fakes.append(torch.empty(dims, dtype=dtype))
+            fakes.append(torch.empty(dims, dtype=dtype, device=device))
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*fakes)
 
 

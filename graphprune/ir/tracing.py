@@ -11,6 +11,7 @@ from torch.export import Dim
 
 from .calls import ModelCall, install_model_call
 from .errors import InputError, TraceError
+from .fx_utils import module_device
 from .graph import Graph, source_info
 from .lifting import lift_leaf_modules
 
@@ -21,7 +22,8 @@ _SEQUENCE_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_i
 def dummy_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 8) -> dict[str, torch.Tensor]:
     """Example inputs built from a HF model's config: no tokenizer, no download.
 
-    The second row is padded so that the traced graph contains the mask path.
+    The second row is padded so that the traced graph contains the mask path. The
+    inputs are on the model's device (drawn on the CPU, so they are the same everywhere).
     """
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "vocab_size"):
@@ -41,7 +43,8 @@ def dummy_inputs(model: nn.Module, batch_size: int = 2, seq_len: int = 8) -> dic
     accepted = inspect.signature(model.forward).parameters
     if "token_type_ids" in accepted and getattr(config, "type_vocab_size", 0):
         inputs["token_type_ids"] = torch.zeros(batch_size, seq_len, dtype=torch.long)
-    return inputs
+    device = module_device(model)
+    return {name: value.to(device) for name, value in inputs.items()}
 
 
 def _dynamic_shapes(inputs: Mapping[str, object]) -> dict[str, object]:

@@ -39,6 +39,11 @@ def subset(data, n: int | None, seed: int = 0):
     return [data[i] for i in random.Random(seed).sample(range(len(data)), n)]
 
 
+def on_device(batch, device) -> dict:
+    """``batch`` (a dict) with its tensors on ``device``: where the graph's weights are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(batch).items()}
+
+
 def make_batches(
     data,
     tokenizer=None,

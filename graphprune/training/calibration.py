@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..ir.graph import Graph
-from .batches import data_name, make_batches, subset
+from .batches import data_name, make_batches, on_device, subset
 from .data import TextDataset
 
 
@@ -78,7 +78,7 @@ def calibration_batches(
         from .models import load_tokenizer
 
         spec.tokenizer = load_tokenizer(recorded)
-    device = next(graph.module.parameters()).device
+    device = graph.device
     ready = isinstance(examples, torch.utils.data.DataLoader) or (
         isinstance(examples, (list, tuple)) and bool(examples) and _is_batch(examples[0])
     )
@@ -97,7 +97,7 @@ def calibration_batches(
         raise ValueError(f"{caller}: the calibration data {data_name(examples)} is empty")
     out = []
     for batch in batches:
-        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(batch).items()}
+        batch = on_device(batch, device)
         if needs_targets and not any(k in batch for k in ("labels", "start_positions")):
             raise ValueError(f"{caller} needs labelled calibration data (the loss's gradient); {data_name(examples)} has no labels")
         out.append(batch)

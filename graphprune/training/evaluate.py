@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 from ..ir.calls import model_call_of
 from ..ir.graph import Graph
 from ..ir.losses import TARGETS, TASKS
-from .batches import data_name, make_batches
+from .batches import data_name, make_batches, on_device
 
 
 def task_of(graph: Graph, caller: str) -> str:
@@ -81,7 +81,9 @@ def evaluate(
     loss_sum, scored = 0.0, True
     try:
         batches = make_batches(data, tokenizer, batch_size=batch_size, max_length=max_length, collate_fn=collate_fn)
+        device = graph.device  # batches are collated on the CPU; the graph may be on a GPU
         for batch in tqdm(batches, desc=f"evaluate {data_name(data)}", disable=not progress, leave=False):
+            batch = on_device(batch, device)
             out = module(**batch)
             if out.get("loss") is None:
                 raise ValueError(f"evaluate: the batches of {data_name(data)} carry no {' and '.join(TARGETS[task])}")

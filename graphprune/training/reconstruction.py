@@ -59,7 +59,7 @@ def least_squares_scales(
     rhs_cols = (cross.T * (w.T @ wd)).sum(1)  # <W_j x_j, W_d x_d> per column
     count = int(groups.max()) + 1 if len(groups) else 0
     member = torch.zeros(len(groups), count, dtype=torch.float64, device=w.device)
-    member[torch.arange(len(groups)), groups] = 1.0
+    member[torch.arange(len(groups), device=w.device), groups.to(w.device)] = 1.0
     gram, rhs = member.T @ gram_cols @ member, member.T @ rhs_cols
     # the ridge pulls towards 1 (the untuned mask), not towards 0
     ridge = dampening * torch.mean(torch.diag(gram)).clamp_min(1e-12) if len(gram) else 0.0

@@ -7,24 +7,49 @@ import time
 
 import torch
 
+from ..ir.fx_utils import module_device
+from .batches import on_device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for ``device``'s queued work: a GPU call returns before its kernels finish, so a timer must wait."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _call(module, inputs: dict):
+    """A call of ``module`` on ``inputs`` moved to its device, that returns once the work is done."""
+    device = module_device(module)
+    inputs = on_device(inputs, device)
+
+    def run():
+        module(**inputs)
+        synchronize(device)
+
+    return run
+
 
 @torch.no_grad()
 def compare_latency(candidate, reference, inputs: dict, *, iters: int = 10, warmup: int = 2) -> dict:
     """Median forward latency of two modules on the same inputs, interleaved so noise hits both.
 
+    The inputs are moved to each module's device (once, before timing); on a GPU each
+    call is timed until its kernels finish.
+
     Returns ``{"candidate_ms", "reference_ms", "ratio"}`` with ratio = candidate / reference.
     """
     was = candidate.training, reference.training
     candidate.eval(), reference.eval()
+    run_c, run_r = _call(candidate, inputs), _call(reference, inputs)
     for _ in range(warmup):
-        candidate(**inputs), reference(**inputs)
+        run_c(), run_r()
     times_c, times_r = [], []
     for _ in range(iters):
         start = time.perf_counter()
-        candidate(**inputs)
+        run_c()
         times_c.append(time.perf_counter() - start)
         start = time.perf_counter()
-        reference(**inputs)
+        run_r()
         times_r.append(time.perf_counter() - start)
     candidate.train(was[0]), reference.train(was[1])
     c, r = statistics.median(times_c), statistics.median(times_r)

@@ -136,7 +136,7 @@ def tensor_range(v: Tensor, range: str = "max", percentiles=RANGE_PERCENTILES) -
     """max |v| (``range = "max"``) or the larger magnitude of its lowest and highest ``percentiles``."""
     v = v.detach().reshape(-1)
     if v.numel() == 0:
-        return torch.zeros((), dtype=torch.float64)
+        return v.new_zeros((), dtype=torch.float64)
     if range == "max":
         return v.abs().max().double()
     low, high = quantiles(v, (min(percentiles) / 100, max(percentiles) / 100))
@@ -146,7 +146,7 @@ def tensor_range(v: Tensor, range: str = "max", percentiles=RANGE_PERCENTILES) -
 def quantiles(v: Tensor, qs) -> Tensor:
     """``torch.quantile(v, qs)`` (linear interpolation) in float64, also past torch's 2^24-element limit."""
     v = v.detach().reshape(-1).double()
-    q = torch.as_tensor(qs, dtype=torch.float64)
+    q = torch.as_tensor(qs, dtype=torch.float64, device=v.device)  # torch.quantile wants q on v's device
     if v.numel() <= 2**24:
         return torch.quantile(v, q)
     pos = q * (v.numel() - 1)

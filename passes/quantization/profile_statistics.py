@@ -151,7 +151,7 @@ class _Running:
         # the kept ones survive is hypergeometric, and a uniform subset of a uniform sample
         # is uniform; so no per-value keys need to be stored.
         if self.sample is None:
-            self.sample = v.new_empty(0)
+            self.sample = v.new_empty(0, device="cpu")  # the sample is kept on the CPU, whatever the graph's device
         if self.count + n <= self.keep:
             self.sample = torch.cat([self.sample, v.cpu()])
             return

@@ -181,7 +181,8 @@ def _replace_linear(gm: fx.GraphModule, target: str, rows: torch.Tensor | None, 
 
 
 def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor | None) -> torch.Tensor:
-    return tensor if index is None else tensor.index_select(dim, index)
+    # the kept indices are built on the CPU; index_select wants them where the weight is (a GPU)
+    return tensor if index is None else tensor.index_select(dim, index.to(tensor.device))
 
 
 def _empty_input(gm: fx.GraphModule, consumer: fx.Node, like: fx.Node) -> fx.Node:

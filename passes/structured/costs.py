@@ -6,10 +6,10 @@ sequence of ``seq`` tokens: a head has ``d`` rows in each of q, k, v (``6 seq H 
 (``4 seq^2 d``); a neuron has a row of the up and a column of the down projection
 (``4 seq H``).
 
-Latency (Kwon et al. 2022) comes from a lookup table measured on this machine: an
-attention block with ``h`` heads and an FFN with ``n`` neurons, at the given batch and
-length, timed for a few counts; a straight line through each gives the cost per head
-and per neuron, and the search spends a latency budget with those costs.
+Latency (Kwon et al. 2022) comes from a lookup table measured on this machine, on the
+graph's device: an attention block with ``h`` heads and an FFN with ``n`` neurons, at
+the given batch and length, timed for a few counts; a straight line through each gives
+the cost per head and per neuron, and the search spends a latency budget with those costs.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from graphprune.training.timing import synchronize
+
 
 def head_flops(hidden: int, head_size: int, seq: int) -> int:
     return 8 * seq * hidden * head_size + 4 * seq * seq * head_size
@@ -29,24 +31,30 @@ def neuron_flops(hidden: int, seq: int) -> int:
     return 4 * seq * hidden
 
 
-def median_ms(fn, reps: int) -> float:
+def median_ms(fn, reps: int, device: torch.device | str = "cpu") -> float:
+    """Median milliseconds of ``fn()``, each call timed until ``device`` has finished its work."""
+    device = torch.device(device)
     fn()
+    synchronize(device)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         fn()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
 
 
 @torch.no_grad()
-def latency_table(hidden: int, heads: int, head_size: int, width: int, *, batch: int, seq: int, reps: int = 5) -> dict:
-    """Measured attention-block and FFN latency (ms) by head and neuron count, and the fitted per-unit costs."""
-    x = torch.randn(batch, seq, hidden)
+def latency_table(
+    hidden: int, heads: int, head_size: int, width: int, *, batch: int, seq: int, reps: int = 5, device: torch.device | str = "cpu"
+) -> dict:
+    """Measured attention-block and FFN latency (ms) by head and neuron count on ``device``, and the fitted per-unit costs."""
+    x = torch.randn(batch, seq, hidden, device=device)
 
     def attention(h: int):
-        qkv = torch.nn.Linear(hidden, 3 * h * head_size)
-        out = torch.nn.Linear(h * head_size, hidden)
+        qkv = torch.nn.Linear(hidden, 3 * h * head_size, device=device)
+        out = torch.nn.Linear(h * head_size, hidden, device=device)
 
         def run():
             q, k, v = qkv(x).view(batch, seq, 3, h, head_size).permute(2, 0, 3, 1, 4)
@@ -56,13 +64,13 @@ def latency_table(hidden: int, heads: int, head_size: int, width: int, *, batch:
         return run
 
     def ffn(n: int):
-        up, down = torch.nn.Linear(hidden, n), torch.nn.Linear(n, hidden)
+        up, down = torch.nn.Linear(hidden, n, device=device), torch.nn.Linear(n, hidden, device=device)
         return lambda: down(F.gelu(up(x)))
 
     head_counts = sorted({max(1, heads // 4), max(1, heads // 2), max(1, 3 * heads // 4), heads})
     neuron_counts = sorted({max(1, width // 4), max(1, width // 2), max(1, 3 * width // 4), width})
-    attn = {h: median_ms(attention(h), reps) for h in head_counts}
-    mlp = {n: median_ms(ffn(n), reps) for n in neuron_counts}
+    attn = {h: median_ms(attention(h), reps, device) for h in head_counts}
+    mlp = {n: median_ms(ffn(n), reps, device) for n in neuron_counts}
     per_head, attn_fixed = _line(attn)
     per_neuron, ffn_fixed = _line(mlp)
     return {

@@ -171,11 +171,15 @@ def _budget(graph, heads, ffns, config, batches) -> Budget:
                 f"(embeddings, pooler, classifier) take {fixed / total:.1%} of the FLOPs"
             )
         return Budget(head_cost, neuron_cost, available, "flops", details)
-    table = latency_table(hidden, max(b.heads for b in heads), head_size, max(b.width for b in ffns), batch=config.batch_size, seq=config.seq_len)
+    # measured where the graph runs: the table's per-unit costs are spent against the graph's own time
+    table = latency_table(
+        hidden, max(b.heads for b in heads), head_size, max(b.width for b in ffns),
+        batch=config.batch_size, seq=config.seq_len, device=graph.device,
+    )
     inputs = _latency_inputs(batches, config.batch_size, config.seq_len)
     try:
         with torch.no_grad():
-            dense_ms = median_ms(lambda: gm(**inputs), 5)
+            dense_ms = median_ms(lambda: gm(**inputs), 5, graph.device)
     except IndexError as error:  # an embedding lookup past the model's positions
         raise ValueError(f"pass '{NAME}': cannot time a {config.batch_size} x {config.seq_len} batch (seq_len, batch_size): {error}") from None
     fixed = dense_ms - units_heads * table["per_head_ms"] - units_neurons * table["per_neuron_ms"]
@@ -378,7 +382,7 @@ class _Repair:
             return  # nothing removed: the mask values stay 1
         self.run.advance_to(node)
         self.dense_run.advance_to(dense_node)
-        kept = torch.tensor(columns, dtype=torch.long)
+        kept = torch.tensor(columns, dtype=torch.long, device=module.weight.device)  # it indexes activations and weights
         rows = [r[:, kept] for r in self.run.input_rows(node)]
         dense_rows = self.dense_run.input_rows(dense_node)
         weight = module.weight
