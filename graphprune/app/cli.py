@@ -12,6 +12,7 @@ Bad arguments and bad files give a one-line error and exit code 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -161,17 +162,24 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    if process_rank() != 0:
-        # Under `accelerate launch` every process runs the command; the others stay quiet (they
-        # compute the same tables) and write no checkpoint (Graph.save writes from rank 0).
-        os.environ["TQDM_DISABLE"] = "1"
-        sys.stdout = open(os.devnull, "w")
-    try:
-        return args.fn(args)
-    except (GraphpruneError, ValueError, FileNotFoundError) as error:  # TOML errors are ValueErrors
-        return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
-    except KeyboardInterrupt:
-        return _fail("interrupted")
+    quiet = process_rank() != 0
+    # Under `accelerate launch` every process runs the command; the others stay quiet (they
+    # compute the same tables) and write no checkpoint (Graph.save writes from rank 0).
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull if quiet else sys.stdout):
+        bars = os.environ.get("TQDM_DISABLE")
+        if quiet:
+            os.environ["TQDM_DISABLE"] = "1"
+        try:
+            return args.fn(args)
+        except (GraphpruneError, ValueError, FileNotFoundError) as error:  # TOML errors are ValueErrors
+            return _fail(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        except KeyboardInterrupt:
+            return _fail("interrupted")
+        finally:
+            if quiet and bars is None:
+                del os.environ["TQDM_DISABLE"]
+            elif quiet:
+                os.environ["TQDM_DISABLE"] = bars
 
 
 if __name__ == "__main__":

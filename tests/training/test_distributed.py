@@ -78,3 +78,19 @@ def test_a_batch_is_shared_in_order_and_one_smaller_than_the_processes_is_refuse
     assert [int(terms) for _, terms in parts] == [2, 2]  # loss terms: labelled rows (-100 is ignored)
     with pytest.raises(ValueError, match="cannot be shared by 2 processes"):
         _slice_for_process({"input_ids": torch.ones(1, 4, dtype=torch.long)}, 0, 2, "cpu")
+
+
+def test_ranks_other_than_0_write_no_checkpoint_and_the_cli_prints_nothing_there(tmp_path, monkeypatch, capsys):
+    from graphprune.app.cli import main
+
+    graph = worker.pruned_tiny_graph()
+    monkeypatch.setenv("RANK", "1")  # as accelerate launch sets it in the second process
+    graph.save(tmp_path / "graph")
+    assert not (tmp_path / "graph").exists() and list(tmp_path.iterdir()) == []
+    assert main(["passes"]) == 0
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    graph.save(tmp_path / "graph")
+    assert (tmp_path / "graph" / "manifest.json").is_file()
+    assert main(["passes"]) == 0
+    assert "prune_weight" in capsys.readouterr().out
