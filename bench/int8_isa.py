@@ -160,7 +160,7 @@ def plot(runs: list[dict], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--isas", nargs="+", default=["DEFAULT", "AVX2"], choices=sorted(CAPS), help="ONEDNN_MAX_CPU_ISA values (default DEFAULT AVX2)")
+    parser.add_argument("--isas", nargs="+", default=list(CAPS), choices=sorted(CAPS), help="ONEDNN_MAX_CPU_ISA values (default all three)")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 300 test snippets, few timing iterations")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

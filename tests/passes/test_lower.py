@@ -360,7 +360,5 @@ def test_onednn_reports_the_isa_we_detect():
     said = cpu.dispatched_isa()
     isa = cpu.onednn_isa()
     assert said is not None
-    words = {"avx2": "AVX2", "avx2_vnni": "AVX2 with Intel DL Boost", "avx512_core": "AVX512BW, AVX512VL, and AVX512DQ",
-             "avx512_core_vnni": "AVX-512 with Intel DL Boost", "avx512_core_bf16": "bfloat16"}
-    if isa in words:
-        assert words[isa] in said, (isa, said)
+    if isa in cpu.ONEDNN_NAMES:  # the levels above these have names that vary between oneDNN versions
+        assert said.split(" on Ymm")[0].strip() == cpu.ONEDNN_NAMES[isa], (isa, said)
