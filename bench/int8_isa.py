@@ -32,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import machine, machine_line, save_figure, table, write_json  # bench/report.py: this script runs from bench/
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CAPS = {  # ONEDNN_MAX_CPU_ISA -> the MKL and ATen caps of a CPU that tops out there
     "DEFAULT": {},
@@ -57,7 +59,6 @@ def measure(quick: bool) -> dict:
     from graphprune.training.models import load_tokenizer
     from graphprune.training.timing import compare_latency
     from quantize import latency_inputs  # bench/quantize.py: the same latency batches
-    from report import machine
 
     base = load_baseline()
     tokenizer = load_tokenizer("minilm")
@@ -140,6 +141,7 @@ def plot(runs: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for run, color in zip(runs, ("tab:blue", "tab:orange", "tab:green")):
         for r in run["rows"]:
@@ -153,9 +155,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("MiniLM int8 per oneDNN ISA: the scheme lower picks (o) and the others (x)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
-    path.with_suffix(".tmp.png").replace(path)
+    save_figure(fig, path)
 
 
 def main() -> None:
@@ -184,11 +184,7 @@ def main() -> None:
             raise SystemExit(f"the run at ONEDNN_MAX_CPU_ISA={cap} failed (exit {child.returncode})")
         runs.append({"cap": cap, **result})
     RESULTS.mkdir(parents=True, exist_ok=True)
-    from report import write_json
-
     write_json(RESULTS / f"int8_isa{'_quick' if args.quick else ''}.json", {"runs": runs})  # the raw rows, before any summary
-
-    from report import machine_line, table
 
     columns = ["method", "exact_here", "accuracy", "drop_points", "kernel_vs_reference_max", "kernel_vs_reference_rms", "reference_vs_fp32_max",
                "ms_b8", "speedup_b8_vs_eager", "speedup_b8_vs_compiled", "speedup_b1_vs_eager", "speedup_b1_vs_compiled"]

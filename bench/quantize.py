@@ -37,7 +37,7 @@ from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import compare_latency
 from graphprune.ir.runtime import compile_module
-from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py: this script runs from bench/
+from report import machine as describe_machine, machine_line, table, write_json, save_figure  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 QAT_STEPS = 100  # batch 32: a third of an epoch of the 10k training snippets
@@ -136,9 +136,7 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("MiniLM on Rotten Tomatoes: accuracy against weight bits")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=120)
-    path.with_suffix(".tmp.png").replace(path)
+    save_figure(fig, path)
 
 
 def main() -> None:

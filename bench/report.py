@@ -40,3 +40,11 @@ def machine_line(description: dict) -> str:
     from graphprune.ir.cpu import describe_line
 
     return f"{describe_line(description)}; torch {description['torch']}, {description['threads']} threads"
+
+
+def save_figure(fig, path: Path) -> None:
+    """Save a matplotlib figure to ``path`` (PNG) through a temporary file, tightly laid out."""
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)

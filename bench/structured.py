@@ -39,7 +39,7 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_minilm, load_tokenizer
 from graphprune.training.timing import compare_latency
-from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py: this script runs from bench/
+from report import machine as describe_machine, machine_line, table, write_json, save_figure  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.75, 0.6, 0.5, 0.4, 0.3)
@@ -184,8 +184,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Structured pruning of MiniLM (Rotten Tomatoes)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -41,7 +41,7 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import compare_latency
-from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py: this script runs from bench/
+from report import machine as describe_machine, machine_line, table, write_json, save_figure  # bench/report.py: this script runs from bench/
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
@@ -184,8 +184,7 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     ax.set_title("One-shot unstructured pruning, MiniLM on Rotten Tomatoes")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
 
 
 def main() -> None:
