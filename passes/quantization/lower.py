@@ -14,10 +14,11 @@ really faster:
   accumulates in int32 (VNNI or AMX); where it does not (AVX2 or AVX-512 without VNNI)
   8-bit activations times 8-bit weights saturate the kernels' int16 pair sums and the
   compiled graph would not compute what its reference arithmetic says, so one side
-  gives up a bit: ``"u7s8"`` (7-bit activations, 0..127: "reduce_range") or ``"u8s7"``
-  (7-bit weights, -64..63), whichever ``graphprune.ir.cpu.NON_VNNI_SCHEME`` names
-  (chosen by accuracy on the fine-tuned MiniLM, ``bench/int8_isa.py``). ``ONEDNN_MAX_CPU_ISA`` (set before the process starts)
-  is honoured, so ``ONEDNN_MAX_CPU_ISA=AVX2`` makes a VNNI machine lower as an AVX2 one.
+  gives up a bit: ``"u8s7"`` (7-bit weights, -64..63; ``graphprune.ir.cpu.NON_VNNI_SCHEME``,
+  chosen on the fine-tuned MiniLM by ``bench/int8_isa.py``: it stays as close to fp32
+  as u8s8, where ``"u7s8"``, 7-bit activations or "reduce_range", is twice as far).
+  ``ONEDNN_MAX_CPU_ISA`` (set before the process starts) is honoured, so
+  ``ONEDNN_MAX_CPU_ISA=AVX2`` makes a VNNI machine lower as an AVX2 one.
   The classifier head (``skip``, default pooler and classifier) stays float: it
   is a sliver of the FLOPs and the layer most sensitive to rounding.
 - ``precision = "bf16"``: every encoder Linear (``skip`` aside) gets bf16 weights and
@@ -74,6 +75,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import platform
 import shutil
 import time
 import warnings
@@ -147,8 +149,6 @@ def _cxx_compiler() -> str | None:
 
 def _check_machine(config: LowerConfig) -> None:
     if not cpu.is_x86_64():
-        import platform
-
         raise LowerError(
             f"{NAME}: the int8 and bf16 kernels it lowers to are oneDNN's x86-64 kernels (torchao's "
             f"X86InductorQuantizer, inductor's CPU backend); this machine is {platform.machine()}. The rest of "
@@ -254,9 +254,8 @@ def lower(graph, config: LowerConfig, data=None):
     call = model_call_of(graph.module)
     if call is None:
         raise ValueError(f"{NAME}: the graph has no recorded model call (trace a HF model with graphprune.trace)")
-    device = next(graph.module.parameters()).device
-    if device.type != "cpu":
-        raise LowerError(f"{NAME}: lowers onto CPU kernels and the graph is on {device}; move it first with graph.to('cpu')")
+    if graph.device.type != "cpu":
+        raise LowerError(f"{NAME}: lowers onto CPU kernels and the graph is on {graph.device}; move it first with graph.to('cpu')")
     static_int8 = config.precision == "int8" and config.activations == "static"
     batches = []
     if static_int8:

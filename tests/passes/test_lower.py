@@ -362,3 +362,9 @@ def test_onednn_reports_the_isa_we_detect():
     assert said is not None
     if isa in cpu.ONEDNN_NAMES:  # the levels above these have names that vary between oneDNN versions
         assert said.split(" on Ymm")[0].strip() == cpu.ONEDNN_NAMES[isa], (isa, said)
+
+
+def test_a_graph_off_the_cpu_is_refused_by_name(model):
+    graph = trace_once(model).to("meta")  # the stand-in for a GPU: lower needs the CPU's kernels
+    with pytest.raises(graphprune.PassError, match="lowers onto CPU kernels and the graph is on meta.*graph.to\\('cpu'\\)"):
+        graphprune.run_pass(graph, "lower", {"compile": False, "activations": "dynamic"})
