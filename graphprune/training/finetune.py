@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ..ir.calls import model_call_of
 from ..ir.graph import Graph
-from .batches import data_name, make_batches, subset
+from .batches import data_name, make_batches, on_device, subset
 from .evaluate import evaluate, task_of
 
 
@@ -48,8 +48,8 @@ class FinetuneConfig:
     learning_rate: float = 5e-5
     epochs: float = 2.0
     max_steps: int | None = None
-    batch_size: int = 32
-    max_length: int = 64  # batch_size: the global batch, over all processes
+    batch_size: int = 32  # the global batch, over all processes
+    max_length: int = 64
     subset: int | None = None
     weight_decay: float = 0.01
     warmup_ratio: float = 0.1
@@ -131,7 +131,7 @@ def _slice_for_process(batch: dict, rank: int, processes: int, device) -> tuple[
             )
         start, stop = rows * rank // processes, rows * (rank + 1) // processes
         batch = {k: v[start:stop] if isinstance(v, torch.Tensor) and v.dim() > 0 and len(v) == rows else v for k, v in batch.items()}
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = on_device(batch, device)
     labels = batch.get("labels")
     terms = (labels != -100).sum() if isinstance(labels, torch.Tensor) else torch.tensor(len(batch["input_ids"]))
     return batch, terms.to(device=device, dtype=torch.float32)
