@@ -22,6 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu
+
 RUNTIME = "runtime"
 
 
@@ -58,8 +60,6 @@ def machine_mismatch(meta: dict) -> str | None:
     (``graph.meta["lowered"]``); checkpoints written before schemes existed were all
     lowered with 8-bit activations ("u8s8").
     """
-    from . import cpu
-
     lowered = meta.get("lowered") or {}
     if not lowered:
         return None
@@ -77,7 +77,7 @@ def machine_mismatch(meta: dict) -> str | None:
             f"VNNI or AMX, where those kernels saturate their int16 pair sums, so its outputs will not be the int8 "
             f"arithmetic it was calibrated for: {relower}, which picks scheme {cpu.int8_scheme()} here"
         )
-    if recorded != cpu.int8_scheme():
+    if recorded != cpu.int8_scheme() and cpu.int8_accumulates_in_int32():
         return (
             f"this int8 graph was {where} with scheme {recorded} (7-bit activations or weights); {here}, which "
             f"accumulates in int32 and runs 8-bit values exactly: it runs correctly, and {relower} for scheme "

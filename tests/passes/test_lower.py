@@ -368,3 +368,21 @@ def test_a_graph_off_the_cpu_is_refused_by_name(model):
     graph = trace_once(model).to("meta")  # the stand-in for a GPU: lower needs the CPU's kernels
     with pytest.raises(graphprune.PassError, match="lowers onto CPU kernels and the graph is on meta.*graph.to\\('cpu'\\)"):
         graphprune.run_pass(graph, "lower", {"compile": False, "activations": "dynamic"})
+
+
+def test_the_load_warning_says_what_this_cpu_needs(monkeypatch):
+    from graphprune.ir.runtime import machine_mismatch
+
+    zen5 = {"sse4_1", "avx", "avx2", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16"}
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: zen5)
+    monkeypatch.setattr(cpu, "is_x86_64", lambda: True)
+    lowered = lambda **kw: {"lowered": {"precision": "int8", "cpu": "a CPU", "isa": "avx2", **kw}}  # noqa: E731
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert "saturate" in machine_mismatch(lowered(scheme="u8s8"))
+    assert "saturate" in machine_mismatch(lowered())  # written before schemes: 8-bit activations and weights
+    assert machine_mismatch(lowered(scheme="u7s8")) is None and machine_mismatch(lowered(scheme="u8s7")) is None  # both exact
+    assert "emulated" in machine_mismatch({"lowered": {"precision": "bf16"}})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    assert machine_mismatch(lowered(scheme="u8s8")) is None
+    assert "runs correctly" in machine_mismatch(lowered(scheme="u8s7"))
+    assert machine_mismatch({"lowered": {"precision": "bf16"}}) is None and machine_mismatch({}) is None
