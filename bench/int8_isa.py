@@ -57,8 +57,7 @@ def measure(quick: bool) -> dict:
     from graphprune.training.calibration import CalibrationData
     from graphprune.training.data import load_rotten_tomatoes
     from graphprune.training.models import load_tokenizer
-    from graphprune.training.timing import compare_latency
-    from quantize import latency_inputs  # bench/quantize.py: the same latency batches
+    from quantize import latency_inputs, timings  # bench/quantize.py: the same latency batches and timings
 
     base = load_baseline()
     tokenizer = load_tokenizer("minilm")
@@ -77,13 +76,7 @@ def measure(quick: bool) -> dict:
             return torch.cat([graph.module(**{k: v[i:i + 32] for k, v in probe.items()}).logits for i in range(0, 256, 32)])
 
     def latency(graph, eager, compiled) -> dict:
-        out = {}
-        for tag, inputs, n in (("b8", lat8, iters[0]), ("b1", lat1, iters[1])):
-            vs_eager = compare_latency(graph.module, eager.module, inputs, iters=n, warmup=3)
-            out[f"ms_{tag}"] = round(vs_eager["candidate_ms"], 2)
-            out[f"speedup_{tag}_vs_eager"] = round(1 / vs_eager["ratio"], 3)
-            out[f"speedup_{tag}_vs_compiled"] = round(1 / compare_latency(graph.module, compiled.module, inputs, iters=n, warmup=3)["ratio"], 3)
-        return out
+        return timings(graph, eager, compiled, lat8, lat1, iters)
 
     fp32_logits = logits(base)
     compiled = base.copy()

@@ -85,9 +85,10 @@ def weight_bits(graph) -> float | None:
     return round(sum(r["weight_bits"] * r["weights"] for r in layers if r["weight_bits"]) / weights, 3) if weights else None
 
 
-def timings(candidate, eager, compiled, lat8, lat1) -> dict:
+def timings(candidate, eager, compiled, lat8, lat1, iters: tuple[int, int] = (10, 30)) -> dict:
+    """Latency at batch 8 and batch 1 against fp32 eager and fp32 compiled (interleaved; ``iters`` calls each)."""
     out = {}
-    for tag, inputs, iters in (("b8", lat8, 10), ("b1", lat1, 30)):
+    for tag, inputs, iters in (("b8", lat8, iters[0]), ("b1", lat1, iters[1])):
         vs_eager = compare_latency(candidate.module, eager.module, inputs, iters=iters, warmup=3)
         vs_compiled = compare_latency(candidate.module, compiled.module, inputs, iters=iters, warmup=3)
         out[f"ms_{tag}"] = round(vs_eager["candidate_ms"], 2)

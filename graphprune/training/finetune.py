@@ -186,7 +186,7 @@ def finetune(
         )
     main = accelerator.is_main_process
     for g in (graph, teacher):
-        if g is not None and next(g.module.parameters()).device != accelerator.device:
+        if g is not None and g.device != accelerator.device:
             g.to(accelerator.device)  # also moves the devices export baked into the graph
     for callback in callbacks:
         if hasattr(callback, "on_train_begin"):

@@ -18,6 +18,7 @@ import transformers as tf
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: tests.models
 
 import graphprune  # noqa: E402
+from graphprune.ir.masks import mask_of  # noqa: E402
 from tests.models import TINY, sentiment_data, tiny_tokenizer  # noqa: E402
 
 STEPS, BATCH = 5, 16
@@ -31,16 +32,15 @@ def pruned_tiny_graph():
     return graph
 
 
-def masked_nonzeros(graph) -> int:
-    """Weights a mask zeroes that are not zero in the module's effective weight."""
-    count = 0
+def masked_weights(graph) -> tuple[int, int]:
+    """How many weights the graph's masks zero, and how many of those are not zero in the effective weight."""
+    masked = nonzero = 0
     for module in graph.module.modules():
-        mask = getattr(module, "weight_mask", None)
-        if mask is None and hasattr(module, "parametrizations"):
-            mask = getattr(module.parametrizations.weight[0], "mask", None)
-        if isinstance(mask, torch.Tensor):
-            count += int((module.weight[~mask.bool()] != 0).sum())
-    return count
+        mask = mask_of(module)
+        if mask is not None:
+            masked += int((~mask.mask).sum())
+            nonzero += int((module.weight[~mask.mask] != 0).sum())
+    return masked, nonzero
 
 
 def run(out: Path, batch_size: int = BATCH) -> dict:
@@ -49,7 +49,8 @@ def run(out: Path, batch_size: int = BATCH) -> dict:
                                  max_length=16, learning_rate=1e-3, warmup_ratio=0.0, progress=False)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    report = {"losses": result.losses, "masked_nonzeros": masked_nonzeros(graph), "processes": world,
+    masked, nonzero = masked_weights(graph)
+    report = {"losses": result.losses, "masked": masked, "masked_nonzeros": nonzero, "processes": world,
               "weights": graph.module.get_submodule("bert.encoder.layer.0.intermediate.dense").weight.detach().flatten()[:64].tolist()}
     graph.save(out / "graph")
     (out / f"rank{rank}.json").write_text(json.dumps(report))
