@@ -32,6 +32,8 @@ class _DropLines(_logging.Filter):
 # and a deprecation notice meant for its own developers. Neither concerns a user here.
 _logging.getLogger("torchao").addFilter(_DropLines("Failed to load", "/torchao/_C"))
 _logging.getLogger("torch.utils._pytree").addFilter(_DropLines("register_constant() on Enum subclasses is deprecated"))
+# torch.onnx's exporter lists the torchvision ops it skips registering on every export.
+_logging.getLogger("torch.onnx._internal.exporter._registration").addFilter(_DropLines("torchvision is not installed"))
 
 from .infra.config import ConfigError, check_choice, check_range  # noqa: E402  (after the log filters)
 from .infra.errors import PassError, PipelineError
@@ -47,6 +49,8 @@ from .training.evaluate import evaluate
 from .training.finetune import finetune
 from .training.iterative import iterative_prune
 from .training.schedule import GradualPruning, cubic_sparsity
+from .ir.exporters import export_formats, register_exporter
+from .app.export import evaluate_artefact, load_artefact  # registers the built-in export formats
 
 __version__ = "0.1.0"
 
@@ -70,13 +74,17 @@ __all__ = [
     "cubic_sparsity",
     "dummy_inputs",
     "evaluate",
+    "evaluate_artefact",
+    "export_formats",
     "finetune",
     "get_pass",
     "iterative_prune",
     "list_passes",
     "load",
+    "load_artefact",
     "load_steps",
     "register_module_type",
+    "register_exporter",
     "register_pass",
     "run_pass",
     "run_pipeline",

@@ -2,7 +2,10 @@
 
     graphprune passes                      registered passes, one line each
     graphprune info CKPT                   summary table and history of a checkpoint
-    graphprune eval CKPT --data NAME       accuracy and loss on a dataset split
+    graphprune eval CKPT --data NAME       accuracy and loss on a dataset split (CKPT: a checkpoint or
+                                           an exported artefact, run in its own runtime)
+    graphprune export CKPT OUT --format F  an artefact folder that runs without graphprune
+                                           (onnx [--quantize dynamic|static], aoti, hf)
     graphprune run pipeline.toml           model, data, passes, fine-tune, evaluation, output
     graphprune demo                        the main job on the shipped model and data
 
@@ -100,15 +103,73 @@ def _cmd_eval(args) -> int:
     from ..training.models import load_tokenizer
     from .workflow import check_labels
 
-    graph = load(args.checkpoint)
     splits = load_dataset(args.data)
     if args.split not in splits:
         return _fail(f"--split {args.split!r} is not one of {sorted(splits)}")
     data = splits[args.split].subset(args.limit)
+    if (Path(args.checkpoint) / "artefact.json").is_file():
+        return _eval_artefact(args, data)
+    graph = load(args.checkpoint)
     check_labels(graph, data)
     tokenizer = load_tokenizer(graph.source.get("tokenizer", "minilm"))
     metrics = evaluate(graph, data, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
     print(f"{args.data}/{args.split}: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['examples']} examples)")
+    return 0
+
+
+def _eval_artefact(args, data) -> int:
+    from .export import evaluate_artefact, read_manifest
+
+    manifest = read_manifest(args.checkpoint)
+    labels = manifest.get("labels") or []
+    if labels and len(labels) != len(data.label_names):
+        return _fail(f"the artefact has {len(labels)} labels but {data.name} has {len(data.label_names)} ({', '.join(data.label_names)})")
+    key = f"{args.data}/{args.split}" + (f" (limit {args.limit})" if args.limit else "")
+    metrics = evaluate_artefact(args.checkpoint, data, batch_size=args.batch_size, max_length=args.max_length, record=key)
+    kind = manifest["artefact"] + (f" {manifest['precision']}" if manifest.get("precision") else "")
+    print(f"{args.data}/{args.split}: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['examples']} examples; "
+          f"{kind} artefact in its own runtime; recorded in its artefact.json)")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from ..ir.graph import load
+
+    graph = load(args.checkpoint)
+    options = {}
+    if args.pooling:
+        options["pooling"] = args.pooling
+    if args.quantize:
+        if args.format != "onnx":
+            return _fail(f"--quantize is for --format onnx (ONNX Runtime's quantizer); for an int8 {args.format} artefact, lower the graph first")
+        options["quantize"] = args.quantize
+        if args.quantize == "static":
+            from ..training.calibration import CalibrationData
+            from ..training.data import load_dataset
+            from ..training.models import load_tokenizer
+
+            if not args.data:
+                return _fail("--quantize static needs --data NAME for its calibration examples (the train split is used)")
+            tokenizer = load_tokenizer(graph.source.get("tokenizer", "minilm"))
+            options["data"] = CalibrationData(load_dataset(args.data)["train"], tokenizer, max_length=args.max_length)
+            options["num_samples"] = args.num_samples
+    if args.format == "onnx" and args.no_optimize:
+        options["optimize"] = False
+    manifest = graph.export(args.output, format=args.format, **options)
+    check = manifest["verification"]
+    agreement = check.get("argmax_agreement")
+    print(
+        f"wrote {args.output}: {manifest['artefact']} {manifest.get('precision', '')}, {manifest['model_bytes'] / 1e6:.1f} MB model file, "
+        f"inputs {', '.join(manifest['inputs'])}, outputs {', '.join(manifest['outputs'])}"
+    )
+    print(
+        f"checked in a fresh process in its own runtime: max abs diff {check['max_abs_diff']:.3g} from the graph"
+        + (f", argmax agreement {agreement:.1%}" if agreement is not None else "")
+        + f" ({manifest['export_seconds']} s)"
+    )
+    optimizer = manifest.get("optimizer")
+    if optimizer:
+        print("ONNX Runtime transformer optimizer: " + (f"fused {optimizer['fused']}" if optimizer["used"] else optimizer["reason"]))
     return 0
 
 
@@ -142,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-length", type=int, default=64)
     ev.set_defaults(fn=_cmd_eval)
+    export = sub.add_parser("export", help="export a checkpoint to an artefact folder that runs without graphprune")
+    export.add_argument("checkpoint")
+    export.add_argument("output")
+    export.add_argument("--format", required=True, choices=["onnx", "aoti", "hf"])
+    export.add_argument("--quantize", choices=["dynamic", "static"], default=None, help="int8 through ONNX Runtime's quantizer (onnx)")
+    export.add_argument("--data", choices=["rotten_tomatoes", "bbc_news"], default=None, help="calibration data for --quantize static")
+    export.add_argument("--num-samples", type=int, default=128, help="calibration examples for --quantize static")
+    export.add_argument("--max-length", type=int, default=64)
+    export.add_argument("--pooling", choices=["mean"], default=None, help="headless encoders: add the mean-pooled sentence_embedding")
+    export.add_argument("--no-optimize", action="store_true", help="onnx: skip ONNX Runtime's transformer optimizer")
+    export.set_defaults(fn=_cmd_export)
     run = sub.add_parser("run", help="run a TOML pipeline file")
     run.add_argument("pipeline")
     run.set_defaults(fn=_cmd_run)
@@ -158,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    for name in ("limit", "batch_size", "max_length", "seq_len", "recovery_steps", "eval_limit"):
+    for name in ("limit", "batch_size", "max_length", "seq_len", "recovery_steps", "eval_limit", "num_samples"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")

@@ -28,3 +28,7 @@ class InputError(GraphpruneError, TypeError):
 
 class LoweredForAnotherCPU(UserWarning):
     """A lowered graph was loaded on a CPU that needs another int8 scheme (or lacks native bf16)."""
+
+
+class ExportError(GraphpruneError):
+    """An export that cannot be made, or whose artefact failed its check in its own runtime."""

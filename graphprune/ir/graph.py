@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 from .checkpoint import read_checkpoint, write_checkpoint
+from .exporters import export_graph
 from .fx_utils import module_device, quiet_deepcopy
 from .masks import masked_tensor_copies
 from .metadata import our_keys
@@ -172,6 +173,20 @@ class Graph:
     def save(self, path) -> None:
         """Write a checkpoint directory (safetensors + JSON manifest), atomically."""
         write_checkpoint(self, path)
+
+    def export(self, path, format: str = "onnx", **options) -> dict:
+        """Write a self-contained artefact folder that runs without graphprune; returns its manifest.
+
+        Formats: ``"onnx"`` (ONNX Runtime; ``quantize="dynamic"|"static"`` for int8),
+        ``"aoti"`` (an AOTInductor package, fp32 or a lowered int8 graph) and ``"hf"``
+        (a ``save_pretrained`` folder, where a stock config can express the graph). Each
+        export is loaded in its own runtime in a fresh process and checked against this
+        graph before the folder appears. See ``graphprune.app.export``.
+
+        Example:
+            >>> graph.export("artefacts/minilm-int8", format="onnx", quantize="dynamic")
+        """
+        return export_graph(self, path, format, **options)
 
     def __repr__(self) -> str:
         n_params = sum(p.numel() for p in self.module.parameters())

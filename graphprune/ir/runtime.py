@@ -19,12 +19,32 @@ compilations of modules in inference mode, where it is torch's recommended setti
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import torch
 from torch import nn
 
 from . import cpu
 
 RUNTIME = "runtime"
+
+# Modules int8 leaves in float, by path prefix (``lower``'s and ONNX int8 export's default):
+# the heads are a sliver of the FLOPs and the layers most sensitive to rounding.
+FLOAT_HEAD_PREFIXES = ("bert.pooler", "classifier", "roberta.pooler", "pooler", "pre_classifier", "qa_outputs", "cls")
+
+
+def is_skipped(path: str, prefixes) -> bool:
+    """Whether module ``path`` is one of ``prefixes`` or inside one."""
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler inductor would use (``$CXX``, g++, c++, clang++), or None."""
+    for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if candidate and shutil.which(candidate):
+            return candidate
+    return None
 
 
 def compile_module(module: nn.Module, *, freezing: bool = True, no_grad: bool = False) -> None:

@@ -120,13 +120,20 @@ def _take(batches: Iterable, num_samples: int) -> list[dict]:
     return taken
 
 
+# What datasets carry as targets (graphprune.training.data collates "labels").
+DATASET_TARGETS = ("labels", "label", "start_positions", "end_positions")
+
+
 def model_inputs(batch: Mapping, graph: Graph) -> dict:
     """A batch without its loss targets: what a forward pass for statistics takes."""
     from ..ir.calls import model_call_of
 
     call = model_call_of(graph.module)
-    targets = set(call.targets) if call is not None else {"labels"}
-    return {k: v for k, v in batch.items() if k not in targets}
+    if call is None:
+        return {k: v for k, v in batch.items() if k != "labels"}
+    # A dataset's labels are no input of a model without a loss (a headless BertModel
+    # calibrated on classification snippets): whatever the model's forward does not take goes.
+    return {k: v for k, v in batch.items() if k not in call.targets and (k in call.params or k not in DATASET_TARGETS)}
 
 
 class _Stop(Exception):

@@ -74,9 +74,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import platform
-import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -94,7 +92,7 @@ from graphprune.ir.fx_utils import fetch_attr
 from graphprune.ir.masks import commit_masks
 from graphprune.ir.metadata import our_keys
 from graphprune.ir.modules import AttentionCore
-from graphprune.ir.runtime import RUNTIME, apply_runtime
+from graphprune.ir.runtime import FLOAT_HEAD_PREFIXES, RUNTIME, apply_runtime, cxx_compiler, is_skipped
 from graphprune.training.calibration import calibration_batches, model_inputs
 
 from .quantizers import INSERTED, QuantizedAttentionCore, remove_inserted
@@ -103,7 +101,7 @@ NAME = "lower"
 PRECISIONS = ("int8", "bf16")
 ACTIVATIONS = ("static", "dynamic")
 SCHEMES = ("auto", *cpu.SCHEMES)
-DEFAULT_SKIP = ("bert.pooler", "classifier", "roberta.pooler", "pooler", "pre_classifier", "qa_outputs", "cls")
+DEFAULT_SKIP = FLOAT_HEAD_PREFIXES
 
 
 class LowerError(RuntimeError):
@@ -140,13 +138,6 @@ class LowerConfig:
 # -- what the machine has ---------------------------------------------------------------
 
 
-def _cxx_compiler() -> str | None:
-    for candidate in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if candidate and shutil.which(candidate):
-            return candidate
-    return None
-
-
 def _check_machine(config: LowerConfig) -> None:
     if not cpu.is_x86_64():
         raise LowerError(
@@ -159,7 +150,7 @@ def _check_machine(config: LowerConfig) -> None:
             import torchao  # noqa: F401
         except ImportError as error:
             raise LowerError(f"{NAME}: precision 'int8' needs torchao's PT2E flow: pip install torchao ({error})") from error
-    if config.compile and _cxx_compiler() is None:
+    if config.compile and cxx_compiler() is None:
         raise LowerError(
             f"{NAME}: compile = true needs a C++ compiler for torch.compile's inductor and none was found "
             "(looked for $CXX, g++, c++, clang++); install one (Debian/Ubuntu: apt install g++; conda: "
@@ -203,7 +194,7 @@ def _bf16_linears(gm: fx.GraphModule, skip: tuple[str, ...]) -> int:
     """Linears to bf16 weights, with their input cast down and output cast back up."""
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or _skipped(node.target, skip):
+        if node.op != "call_module" or is_skipped(node.target, skip):
             continue
         module = gm.get_submodule(node.target)
         if type(module) is not torch.nn.Linear:
@@ -218,10 +209,6 @@ def _bf16_linears(gm: fx.GraphModule, skip: tuple[str, ...]) -> int:
         count += 1
     gm.recompile()
     return count
-
-
-def _skipped(path: str, prefixes: tuple[str, ...]) -> bool:
-    return any(path == p or path.startswith(p + ".") for p in prefixes)
 
 
 def _export(body: fx.GraphModule, args: tuple) -> fx.GraphModule:
@@ -361,7 +348,7 @@ def _skipped_modules(exported: fx.GraphModule, prefixes: tuple[str, ...]) -> lis
             stack = node.meta.get("nn_module_stack") or {}
             if stack:
                 path = list(stack.values())[-1][0]
-                if _skipped(path, prefixes):
+                if is_skipped(path, prefixes):
                     names.add(path)
     return sorted(names)
 

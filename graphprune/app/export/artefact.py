@@ -1,0 +1,131 @@
+"""Artefact folders: staged beside the target, checked, then renamed into place.
+
+A folder holds the model file, the tokenizer files (where the graph records its
+tokenizer), ``predict.py`` (a copy of :mod:`.standalone`, to run it without
+graphprune) and ``artefact.json``: format, inputs and outputs, label names, source
+model, the passes applied with their configs, versions, file sizes and hashes, the
+check in a fresh process, and accuracy once ``graphprune eval`` has measured it.
+Nothing appears at the target until the artefact has passed its check; an earlier
+artefact there is replaced only then.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from ...ir.errors import ExportError
+from ...ir.graph import Graph
+from . import standalone
+
+MANIFEST = standalone.MANIFEST
+FORMAT = standalone.FORMAT
+FORMAT_VERSION = 1
+SCRIPT = "predict.py"
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+@contextmanager
+def staged_folder(path, caller: str):
+    """Yield a fresh staging folder beside ``path``; on success it replaces ``path``, on any error it is removed."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))):
+        raise ExportError(f"{caller}: {path} exists and is not a graphprune artefact folder; refusing to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.exporting-{uuid.uuid4().hex[:8]}"
+    backup = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if path.exists():
+            path.rename(backup)
+        staging.rename(path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if backup.exists() and not path.exists():
+            backup.rename(path)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def write_support_files(graph: Graph, folder: Path, tokenizer=None) -> bool:
+    """The tokenizer files and ``predict.py``; returns whether a tokenizer was written."""
+    shutil.copyfile(standalone.__file__, folder / SCRIPT)
+    if tokenizer is None and graph.source.get("tokenizer"):
+        from ...training.models import load_tokenizer
+
+        tokenizer = load_tokenizer(graph.source["tokenizer"])
+    if tokenizer is None:
+        return False
+    tokenizer.save_pretrained(folder)
+    return True
+
+
+def label_names(graph: Graph) -> list[str]:
+    id2label = (graph.source.get("config") or {}).get("id2label") or {}
+    return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+def build_manifest(graph: Graph, folder: Path, *, artefact: str, model_file: str, inputs, outputs, task, **fields) -> dict:
+    source = {k: graph.source.get(k) for k in ("model_class", "model_type", "tokenizer")}
+    files = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+        files[str(file.relative_to(folder))] = {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "artefact": artefact,
+        "model_file": model_file,
+        "model_bytes": files[model_file]["bytes"],
+        "inputs": list(inputs),
+        "outputs": list(outputs),
+        "task": task,
+        "labels": label_names(graph),
+        "source": source,
+        "passes": graph.history,
+        "edits": len(graph.edits),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": {name: _version(name) for name in ("graphprune", "torch", "transformers", "onnx", "onnxruntime")},
+        "accuracy": {},
+        **fields,
+        "files": files,
+    }
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write ``artefact.json`` through a temporary file and a rename: never half-written."""
+    tmp = folder / f".{MANIFEST}.{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as handle:
+        json.dump(manifest, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / MANIFEST)
+
+
+def record_accuracy(folder, key: str, metrics: dict) -> None:
+    """Add a measured accuracy (``key`` like ``rotten_tomatoes/test``) to an artefact's manifest."""
+    folder = Path(folder)
+    manifest = standalone.read_manifest(folder)
+    manifest.setdefault("accuracy", {})[key] = metrics
+    write_manifest(folder, manifest)
+
+
+def folder_bytes(folder) -> int:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
