@@ -7,7 +7,8 @@
     graphprune export CKPT OUT --format F  an artefact folder that runs without graphprune
                                            (onnx [--quantize dynamic|static], aoti, hf)
     graphprune run pipeline.toml           model, data, passes, fine-tune, evaluation, output
-    graphprune demo                        the main job on the shipped model and data
+    graphprune demo                        the main job on the shipped model and data: compress,
+                                           recover, int8, export to ONNX Runtime and AOTInductor
 
 Bad arguments and bad files give a one-line error and exit code 2.
 """
@@ -183,7 +184,7 @@ def _cmd_run(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.cache, recovery_steps=args.recovery_steps, eval_limit=args.eval_limit)
+    run_demo(args.cache, recovery_steps=args.recovery_steps, eval_limit=args.eval_limit, stages=args.stages.split(","), output=args.output)
     return 0
 
 
@@ -221,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache", default=None, help="cache folder for the baseline (default $GRAPHPRUNE_CACHE or ~/.cache/graphprune)")
     demo.add_argument("--recovery-steps", type=int, default=60)
     demo.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test snippets")
+    demo.add_argument("--stages", default="kprune,deploy", help="comma-separated, of unstructured, kprune, deploy (default kprune,deploy)")
+    demo.add_argument("--output", default="demo-artefacts", help="folder for the exported artefacts (default ./demo-artefacts)")
     demo.set_defaults(fn=_cmd_demo)
     return parser
 

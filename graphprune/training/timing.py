@@ -54,3 +54,21 @@ def compare_latency(candidate, reference, inputs: dict, *, iters: int = 10, warm
     candidate.train(was[0]), reference.train(was[1])
     c, r = statistics.median(times_c), statistics.median(times_r)
     return {"candidate_ms": c * 1e3, "reference_ms": r * 1e3, "ratio": c / r}
+
+
+def time_interleaved(calls: dict, *, iters: int = 10, warmup: int = 2) -> dict[str, float]:
+    """Median milliseconds of each of several zero-argument callables, run in turn so noise hits all alike.
+
+    For runtimes that are not torch modules (ONNX Runtime sessions, AOTInductor
+    packages) beside ones that are; each callable must return once its work is done.
+    """
+    for _ in range(warmup):
+        for run in calls.values():
+            run()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, run in calls.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
