@@ -36,7 +36,8 @@ GRAPH_FILE = "graph.json"
 TENSOR_FILE = "model.safetensors"
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """An installed package's version, or None when it is not installed."""
     try:
         return version(package)
     except PackageNotFoundError:
@@ -89,7 +90,7 @@ def write_checkpoint(graph, path) -> None:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {name: _version(name) for name in ("graphprune", "torch", "transformers", "safetensors")},
+        "versions": {name: package_version(name) for name in ("graphprune", "torch", "transformers", "safetensors")},
         "source": graph.source,
         "history": graph.history,
         "edits": graph.edits,

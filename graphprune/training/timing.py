@@ -56,11 +56,16 @@ def compare_latency(candidate, reference, inputs: dict, *, iters: int = 10, warm
     return {"candidate_ms": c * 1e3, "reference_ms": r * 1e3, "ratio": c / r}
 
 
-def time_interleaved(calls: dict, *, iters: int = 10, warmup: int = 2) -> dict[str, float]:
+def time_interleaved(calls: dict, *, iters: int = 10, warmup: int = 2, settle: int = 1) -> dict[str, float]:
     """Median milliseconds of each of several zero-argument callables, run in turn so noise hits all alike.
 
     For runtimes that are not torch modules (ONNX Runtime sessions, AOTInductor
     packages) beside ones that are; each callable must return once its work is done.
+    Each runtime has its own thread pool, whose threads spin for a while after a call:
+    the call of another runtime right after it competes with them for the cores
+    (measured on 2 cores: an ONNX Runtime call 45% slower right after a torch call, a
+    torch call 25% slower right after ONNX Runtime). So each turn starts with
+    ``settle`` untimed calls, and the timed call sees the runtime as a server would.
     """
     for _ in range(warmup):
         for run in calls.values():
@@ -68,6 +73,8 @@ def time_interleaved(calls: dict, *, iters: int = 10, warmup: int = 2) -> dict[s
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(iters):
         for name, run in calls.items():
+            for _ in range(settle):
+                run()
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)

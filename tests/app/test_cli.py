@@ -170,3 +170,52 @@ progress = false
     assert main(["run", str(job)]) == 0
     out = capsys.readouterr().out
     assert "iterative pruning" in out and "accuracy_finetuned" in out and "after iterative pruning (2 steps)" in out
+
+
+@needs_rt
+def test_export_then_eval_the_artefact_in_its_own_runtime(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative output path, as a user types it
+    out_dir = tmp_path / "onnx"
+    assert main(["export", str(tiny_checkpoint), "onnx", "--format", "onnx"]) == 0
+    out = capsys.readouterr().out
+    assert "wrote onnx: onnx fp32" in out and "checked in a fresh process in its own runtime" in out
+    assert main(["eval", str(tiny_checkpoint), "--data", "rotten_tomatoes", "--limit", "48"]) == 0
+    graph_line = capsys.readouterr().out
+    assert main(["eval", str(out_dir), "--data", "rotten_tomatoes", "--limit", "48"]) == 0
+    artefact_line = capsys.readouterr().out
+    assert "onnx fp32 artefact in its own runtime" in artefact_line
+    # an fp32 artefact scores exactly what its graph scores
+    assert artefact_line.split("(")[0] == graph_line.split("(")[0]
+    manifest = graphprune.app.export.read_manifest(out_dir)
+    assert list(manifest["accuracy"]) == ["rotten_tomatoes/test (limit 48)"]
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(out_dir / "predict.py"), str(out_dir), "a good film", "dull"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].endswith("\ta good film") and lines[0].split("\t")[0] in ("LABEL_0", "LABEL_1")
+
+
+@needs_rt
+def test_export_static_int8_calibrates_on_the_named_data(tiny_checkpoint, tmp_path, capsys):
+    assert main(["export", str(tiny_checkpoint), str(tmp_path / "s"), "--format", "onnx", "--quantize", "static",
+                 "--data", "rotten_tomatoes", "--num-samples", "32"]) == 0
+    assert "onnx int8" in capsys.readouterr().out
+    assert graphprune.app.export.read_manifest(tmp_path / "s")["calibration_batches"] == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--format", "aoti", "--quantize", "dynamic"], "--quantize is for --format onnx"),
+        (["--format", "onnx", "--quantize", "static"], "--quantize static needs --data NAME"),
+        (["--format", "tflite"], "invalid choice: 'tflite'"),
+        (["--format", "onnx", "--num-samples", "0"], "--num-samples must be at least 1"),
+    ],
+)
+def test_bad_export_arguments(tiny_checkpoint, tmp_path, extra, message, capsys):
+    assert main(["export", str(tiny_checkpoint), str(tmp_path / "x"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not (tmp_path / "x").exists()

@@ -18,9 +18,9 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from ...ir.checkpoint import package_version
 from ...ir.errors import ExportError
 from ...ir.graph import Graph
 from . import standalone
@@ -29,13 +29,6 @@ MANIFEST = standalone.MANIFEST
 FORMAT = standalone.FORMAT
 FORMAT_VERSION = 1
 SCRIPT = "predict.py"
-
-
-def _version(package: str) -> str | None:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 @contextmanager
@@ -102,7 +95,7 @@ def build_manifest(graph: Graph, folder: Path, *, artefact: str, model_file: str
         "passes": graph.history,
         "edits": len(graph.edits),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "versions": {name: _version(name) for name in ("graphprune", "torch", "transformers", "onnx", "onnxruntime")},
+        "versions": {name: package_version(name) for name in ("graphprune", "torch", "transformers", "onnx", "onnxruntime")},
         "accuracy": {},
         **fields,
         "files": files,

@@ -28,6 +28,7 @@ CHECK_TIMEOUT_S = 600
 
 def check_in_fresh_process(folder: Path, reference: dict, cases: dict, *, exact: bool, caller: str) -> dict:
     """Run the artefact in ``folder`` on ``cases`` in a new interpreter and compare with ``reference``."""
+    folder = Path(folder).resolve()  # the check runs in a temporary working directory
     with tempfile.TemporaryDirectory(prefix="graphprune-check-") as tmp:
         inputs, outputs = Path(tmp) / "inputs.npz", Path(tmp) / "outputs.npz"
         np.savez(inputs, **{f"{case}/{name}": value for case, given in cases.items() for name, value in given.items()})
