@@ -27,6 +27,11 @@
     [output]
     checkpoint = "runs/pruned"   # masks are committed before saving
 
+    [[export]]                   # optional, any number: artefacts that run without graphprune,
+    path = "artefacts/pruned"    # each checked in its own runtime, then evaluated there
+    format = "onnx"              # onnx | aoti | hf
+    quantize = "dynamic"         # onnx only: dynamic | static (calibrated on the train split)
+
 Everything is checked before any work starts; a mistake is reported with the file,
 the section and the field.
 """
@@ -47,7 +52,9 @@ from ..training.finetune import FinetuneConfig, finetune
 from ..training.iterative import iterative_prune
 from .workflow import check_labels, latency_batch, results_table, stage_row
 
-SECTIONS = {"model", "data", "passes", "iterative", "finetune", "output"}
+SECTIONS = {"model", "data", "passes", "iterative", "finetune", "output", "export"}
+EXPORT_FIELDS = {"path", "format", "quantize", "pooling", "optimize"}
+EXPORT_FORMATS = ("onnx", "aoti", "hf")
 FIELDS = {
     "iterative": {"pass", "target_sparsity", "steps", "config"},
     "model": {"name", "checkpoint", "num_labels"},
@@ -111,6 +118,7 @@ def read_job(path) -> dict:
         if "finetune" not in spec:
             raise ValueError(f"{path}: [iterative] needs a [finetune] section: the fine-tuning of every step (max_steps, ...)")
     output = _check_section(path, "output", spec.get("output", {}))
+    exports = [_check_export(path, entry) for entry in _tables(path, "export", spec.get("export", []))]
     return {
         "model": model,
         "data": data,
@@ -119,7 +127,27 @@ def read_job(path) -> dict:
         "finetune": finetune_spec if "finetune" in spec else None,
         "distill": bool(distill),
         "output": output.get("checkpoint"),
+        "exports": exports,
     }
+
+
+def _tables(path: Path, name: str, value) -> list:
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ValueError(f"{path}: {name} must be an array of [[{name}]] tables")
+    return value
+
+
+def _check_export(path: Path, entry: dict) -> dict:
+    unknown = sorted(set(entry) - EXPORT_FIELDS)
+    if unknown:
+        raise ValueError(f"{path}: [[export]] has unknown field {unknown[0]!r}; allowed: {sorted(EXPORT_FIELDS)}")
+    if not isinstance(entry.get("path"), str) or not entry["path"]:
+        raise ValueError(f"{path}: [[export]] needs path = 'folder'")
+    if entry.get("format") not in EXPORT_FORMATS:
+        raise ValueError(f"{path}: [[export]] format = {entry.get('format')!r} is not allowed; expected one of {list(EXPORT_FORMATS)}")
+    if "quantize" in entry and (entry["format"] != "onnx" or entry["quantize"] not in ("dynamic", "static")):
+        raise ValueError(f"{path}: [[export]] quantize = {entry['quantize']!r} is not allowed; expected 'dynamic' or 'static' with format = 'onnx'")
+    return dict(entry)
 
 
 def _check_iterative(path: Path, section: dict) -> dict:
@@ -197,4 +225,18 @@ def run_file(path, *, log=print) -> Summary:
         log(f"saved {job['output']}")
     table = results_table(f"graphprune run {path}: {data.name}", rows)
     log(str(table))
+    for entry in job["exports"]:
+        _export(graph, entry, calibration, data, tokenizer, max_length, log)
     return table
+
+
+def _export(graph, entry: dict, calibration, data, tokenizer, max_length: int, log) -> None:
+    from .export import evaluate_artefact
+
+    options = {k: v for k, v in entry.items() if k not in ("path", "format")}
+    if options.get("quantize") == "static":
+        options["data"] = calibration
+    manifest = graph.export(entry["path"], format=entry["format"], tokenizer=tokenizer, **options)
+    metrics = evaluate_artefact(entry["path"], data, tokenizer, max_length=max_length, progress=False, record=f"{data.name}")
+    log(f"exported {entry['path']} ({manifest['artefact']} {manifest.get('precision', '')}, {manifest['model_bytes'] / 1e6:.1f} MB): "
+        f"accuracy {metrics['accuracy']:.4f} in its own runtime on {data.name}")

@@ -83,12 +83,20 @@ progress = false
 
 [output]
 checkpoint = "{tmp_path / 'out'}"
+
+[[export]]
+path = "{tmp_path / 'onnx8'}"
+format = "onnx"
+quantize = "dynamic"
 """
     )
     assert main(["run", str(job)]) == 0
     out = capsys.readouterr().out
     for stage in ("input model", "after passes", "after fine-tune"):
         assert stage in out
+    assert f"exported {tmp_path / 'onnx8'} (onnx int8" in out and "in its own runtime on rotten_tomatoes/test[:16]" in out
+    manifest = graphprune.app.export.read_manifest(tmp_path / "onnx8")
+    assert [p["pass"] for p in manifest["passes"]] == ["prune_weight", "finetune", "commit_masks"]
     saved = graphprune.load(tmp_path / "out")
     assert [h["pass"] for h in saved.history] == ["prune_weight", "finetune", "commit_masks"]
     assert saved.history[0]["data"].startswith("rotten_tomatoes/train")  # wanda calibrated on the train split
@@ -133,6 +141,10 @@ def test_bad_arguments_give_one_line_and_exit_2(argv, message, capsys):
         ("[finetune]\nepochz = 1", "[finetune] has unknown field 'epochz'"),
         ("[finetune]\nlearning_rate = -1.0", "learning_rate = -1.0"),
         ("[output]\npath = 'x'", "[output] has unknown field 'path'"),
+        ("[[export]]\npath = 'x'\nformat = 'tflite'", "[[export]] format = 'tflite' is not allowed"),
+        ("[[export]]\npath = 'x'\nformat = 'aoti'\nquantize = 'dynamic'", "[[export]] quantize = 'dynamic' is not allowed"),
+        ("[[export]]\nformat = 'onnx'", "[[export]] needs path"),
+        ("[[export]]\npath = 'x'\nformat = 'onnx'\nbits = 4", "[[export]] has unknown field 'bits'"),
     ],
 )
 def test_bad_pipeline_files_give_one_line_and_exit_2(tmp_path, text, message, capsys):

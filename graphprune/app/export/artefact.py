@@ -23,10 +23,9 @@ from pathlib import Path
 from ...ir.checkpoint import package_version
 from ...ir.errors import ExportError
 from ...ir.graph import Graph
-from . import standalone
+from .standalone import FORMAT, MANIFEST, read_manifest
+from .standalone import __file__ as STANDALONE_FILE
 
-MANIFEST = standalone.MANIFEST
-FORMAT = standalone.FORMAT
 FORMAT_VERSION = 1
 SCRIPT = "predict.py"
 
@@ -56,7 +55,7 @@ def staged_folder(path, caller: str):
 
 def write_support_files(graph: Graph, folder: Path, tokenizer=None) -> bool:
     """The tokenizer files and ``predict.py``; returns whether a tokenizer was written."""
-    shutil.copyfile(standalone.__file__, folder / SCRIPT)
+    shutil.copyfile(STANDALONE_FILE, folder / SCRIPT)
     if tokenizer is None and graph.source.get("tokenizer"):
         from ...training.models import load_tokenizer
 
@@ -115,7 +114,7 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 def record_accuracy(folder, key: str, metrics: dict) -> None:
     """Add a measured accuracy (``key`` like ``rotten_tomatoes/test``) to an artefact's manifest."""
     folder = Path(folder)
-    manifest = standalone.read_manifest(folder)
+    manifest = read_manifest(folder)
     manifest.setdefault("accuracy", {})[key] = metrics
     write_manifest(folder, manifest)
 

@@ -29,6 +29,9 @@ from ...ir.exporters import register_exporter
 from ...ir.runtime import inference_only
 from .artefact import build_manifest, staged_folder, write_manifest, write_support_files
 from .module import check_option, dynamic_shapes, example_args, export_module, max_sequence, reference_outputs, sample_cases, signature
+from .onnx_optimize import try_optimize
+from .onnx_quantize import SCHEMES, calibration_inputs, nodes_to_quantize
+from .onnx_quantize import quantize as quantize_onnx
 from .verify import check_in_fresh_process
 
 NAME = "export onnx"
@@ -77,10 +80,8 @@ def export_onnx(
     seed: int = 0,
 ) -> dict:
     """Export ``graph`` to an ONNX Runtime artefact folder at ``path``; returns its manifest."""
-    from . import onnx_optimize, onnx_quantize
-
     check_option(NAME, "quantize", quantize, QUANTIZE)
-    check_option(NAME, "scheme", scheme, onnx_quantize.SCHEMES)
+    check_option(NAME, "scheme", scheme, SCHEMES)
     if num_samples < 1:
         raise ExportError(f"{NAME}: num_samples must be at least 1, got {num_samples}")
     if inference_only(graph):
@@ -100,12 +101,12 @@ def export_onnx(
     with staged_folder(path, NAME) as folder:
         float_file = folder / (MODEL_FILE if quantize is None else ".float.onnx")
         write_onnx(module, inputs, outputs, float_file, max_len=max_sequence(graph), opset=opset)
-        candidates = onnx_quantize.nodes_to_quantize(onnx.load(str(float_file), load_external_data=False)) if quantize else []
-        optimizer = onnx_optimize.try_optimize(float_file, cases, graph, enabled=optimize)
+        candidates = nodes_to_quantize(onnx.load(str(float_file), load_external_data=False)) if quantize else []
+        optimizer = try_optimize(float_file, cases, graph, enabled=optimize)
         fields = {"precision": "fp32", "quantize": None, "optimizer": optimizer}
         if quantize is not None:
-            batches = onnx_quantize.calibration_inputs(graph, data, inputs, num_samples, seed) if quantize == "static" else None
-            fields.update(onnx_quantize.quantize(float_file, folder / MODEL_FILE, quantize, scheme, batches, candidates))
+            batches = calibration_inputs(graph, data, inputs, num_samples, seed) if quantize == "static" else None
+            fields.update(quantize_onnx(float_file, folder / MODEL_FILE, quantize, scheme, batches, candidates))
             float_file.unlink()
         has_tokenizer = write_support_files(graph, folder, tokenizer)
         manifest = build_manifest(graph, folder, artefact="onnx", model_file=MODEL_FILE, inputs=inputs, outputs=outputs,
