@@ -93,7 +93,7 @@ def test_onnx_int8_dynamic_and_static(uneven, tmp_path):
         assert manifest["precision"] == "int8" and manifest["quantize"] == mode
         assert manifest["scheme"] == ("u8s8" if graphprune.ir.cpu.int8_accumulates_in_int32() else "u8s7")
         # 6 Linears in each of the 2 kept layers and the word embeddings; static keeps the FFN down-projections float
-        assert manifest["quantized_nodes"] == {"dynamic": 13, "static": 10}[mode]
+        assert manifest["quantized_nodes"] == {"dynamic": 13, "static": 11}[mode]
         got = onnx_run(tmp_path / mode, given)[0]
         # int8 is not the float arithmetic: close, not equal (the tiny model's logits are about 0.1 wide)
         assert np.abs(got - want).max() < 0.2 * np.abs(want).max() + 0.05
@@ -241,3 +241,45 @@ def test_record_accuracy_rewrites_the_manifest_whole(tmp_path):
     manifest = json.loads((tmp_path / "art" / "artefact.json").read_text())
     assert manifest["accuracy"] == {"rotten_tomatoes/test": {"accuracy": 0.5}}
     assert sorted(p.name for p in (tmp_path / "art").iterdir() if p.name.startswith(".")) == []
+
+
+def test_the_transformer_optimizer_is_kept_only_where_its_outputs_agree(tmp_path, monkeypatch):
+    graph = trace_once(make_model())
+    used = graph.export(tmp_path / "fused", format="onnx")["optimizer"]
+    assert used["used"] and used["fused"] and used["max_abs_diff"] <= 1e-4
+    from graphprune.app.export import onnx_optimize
+
+    monkeypatch.setattr(onnx_optimize, "FLOAT_TOLERANCE", -1.0)  # no fused graph can agree now
+    manifest = graph.export(tmp_path / "plain", format="onnx")
+    assert not manifest["optimizer"]["used"] and "left unfused" in manifest["optimizer"]["reason"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "plain" / "model.onnx")).graph.node}
+    assert "SkipLayerNormalization" not in ops and manifest["verification"]["max_abs_diff"] <= 1e-4
+
+
+def test_embedding_rows_are_int8_with_a_scale_each():
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from graphprune.app.export.onnx_embeddings import quantize_embedding_rows
+
+    table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32) * np.linspace(0.01, 3, 50, dtype=np.float32)[:, None]
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["out"], name="lookup", axis=0)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s", 8])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    assert quantize_embedding_rows(model, {"lookup"}) == 1
+    onnx.checker.check_model(model)
+    ids = np.array([[0, 49, 7], [3, 3, 20]], dtype=np.int64)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"ids": ids})[0]
+    scale = np.abs(table).max(axis=1, keepdims=True) / 127  # the formula, written out here
+    want = (np.clip(np.round(table / scale), -127, 127) * scale)[ids]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert np.abs(got - table[ids]).max() <= (scale[ids] / 2).max() + 1e-7  # within half a step of each row's own scale
+    stored = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert stored["table_int8_rows"].dtype == np.int8 and "table" not in stored

@@ -93,6 +93,7 @@ def export_onnx(
         raise ExportError(f"{NAME}: quantize = 'static' needs calibration data: pass data=... (a TextDataset, CalibrationData, examples or batches)")
     _require_onnx()
     import onnx
+
     inputs, outputs, task = signature(graph, pooling, NAME)
     started = time.perf_counter()
     module = export_module(graph, inputs, outputs)
@@ -102,7 +103,7 @@ def export_onnx(
         float_file = folder / (MODEL_FILE if quantize is None else ".float.onnx")
         write_onnx(module, inputs, outputs, float_file, max_len=max_sequence(graph), opset=opset)
         candidates = nodes_to_quantize(onnx.load(str(float_file), load_external_data=False)) if quantize else []
-        optimizer = try_optimize(float_file, cases, graph, enabled=optimize)
+        optimizer = try_optimize(float_file, cases, enabled=optimize)
         fields = {"precision": "fp32", "quantize": None, "optimizer": optimizer}
         if quantize is not None:
             batches = calibration_inputs(graph, data, inputs, num_samples, seed) if quantize == "static" else None

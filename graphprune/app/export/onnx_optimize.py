@@ -32,7 +32,7 @@ def _outputs(session, cases) -> list[np.ndarray]:
     return [value for given in cases.values() for value in session.run(None, given)]
 
 
-def try_optimize(file: Path, cases: dict, graph, *, enabled: bool) -> dict:
+def try_optimize(file: Path, cases: dict, *, enabled: bool) -> dict:
     """Replace ``file`` by its fused graph when that is correct; returns what happened, for the manifest."""
     if not enabled:
         return {"used": False, "reason": "optimize = false"}

@@ -1,8 +1,8 @@
 """int8 ONNX through ONNX Runtime's own quantizer, with the scheme the ``lower`` pass would pick here.
 
 What is quantized: the encoder's Linear layers (MatMul and Gemm nodes with a weight,
-found from the export's module scopes), int8 weights per output channel, and for
-``dynamic`` the word embeddings (their Gather: they are half of MiniLM's bytes).
+found from the export's module scopes), int8 weights per output channel, and the
+word embeddings, int8 per row (:mod:`.onnx_embeddings`: they are half of MiniLM's bytes).
 ``static`` leaves the FFN down-projections in float (``QUANTIZED_KINDS`` says why).
 The heads stay float (``graphprune.ir.runtime.FLOAT_HEAD_PREFIXES``), as ``lower``
 leaves them, and so do the attention products of two activations.
@@ -31,6 +31,7 @@ from ...ir import cpu
 from ...ir.errors import ExportError
 from ...ir.runtime import FLOAT_HEAD_PREFIXES, is_skipped
 from ...training.calibration import calibration_batches, model_inputs
+from .onnx_embeddings import quantize_embedding_rows
 
 SCHEMES = ("auto", "u8s8", "u8s7")
 SCOPE_PREFIX = "graph_module."  # the attribute ExportModule holds the graph under
@@ -38,9 +39,10 @@ FFN_ACTIVATIONS = ("Gelu", "FastGelu", "BiasGelu", "Relu")
 # Per kind of node, the modes that quantize it. Static int8 leaves the FFN's down-projection
 # in float: its input, the GELU output, has a long positive tail that one calibrated
 # per-tensor uint8 scale represents badly (measured on MiniLM: quantizing that group alone
-# puts the logits 0.65 (relative L2) from fp32; every other group on its own stays <= 0.17),
-# and static Gather QDQ nodes cost accuracy too. Dynamic scales follow each call's range.
-QUANTIZED_KINDS = {"linear": ("dynamic", "static"), "ffn_down": ("dynamic",), "embedding": ("dynamic",)}
+# puts the logits 0.65 (relative L2) from fp32; every other group on its own stays <= 0.17).
+# Dynamic scales follow each call's range.
+# The word embeddings are quantized per row by graphprune itself, in both modes (see .onnx_embeddings).
+QUANTIZED_KINDS = {"linear": ("dynamic", "static"), "ffn_down": ("dynamic",), "embedding": ()}
 
 
 def resolve_scheme(scheme: str) -> str:
@@ -118,6 +120,7 @@ def quantize(float_file: Path, out_file: Path, mode: str, scheme: str, feeds, ca
     chosen = [name for name, kind in candidates.items() if name in present and mode in QUANTIZED_KINDS[kind]]
     if not chosen:  # an empty list would mean "every node" to ONNX Runtime
         raise ExportError(f"export onnx: found no Linear layer to quantize to int8 in the exported graph ({len(candidates)} candidates)")
+    embeddings = quantize_embedding_rows(model, {name for name, kind in candidates.items() if kind == "embedding"})
     prepared = float_file.with_name(f".prepared-{uuid.uuid4().hex[:8]}.onnx")
     onnx.save(model, str(prepared))
     logger = logging.getLogger()  # the quantizer logs on the root logger: advice and types it re-infers
@@ -128,7 +131,7 @@ def quantize(float_file: Path, out_file: Path, mode: str, scheme: str, feeds, ca
         common = dict(per_channel=True, reduce_range=scheme == "u8s7", weight_type=QuantType.QInt8, nodes_to_quantize=chosen,
                       extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         if mode == "dynamic":
-            quantize_dynamic(str(prepared), str(out_file), op_types_to_quantize=["MatMul", "Gemm", "Gather"], **common)
+            quantize_dynamic(str(prepared), str(out_file), op_types_to_quantize=["MatMul", "Gemm"], **common)
         else:
             quantize_static(
                 str(prepared), str(out_file), _Reader(feeds), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
@@ -143,7 +146,7 @@ def quantize(float_file: Path, out_file: Path, mode: str, scheme: str, feeds, ca
         "scheme": scheme,
         "isa": cpu.onednn_isa(),
         "cpu": cpu.cpu_name(),
-        "quantized_nodes": len(chosen),
+        "quantized_nodes": len(chosen) + embeddings,
         "calibration_batches": len(feeds) if feeds else 0,
     }
 
