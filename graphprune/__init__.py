@@ -39,7 +39,7 @@ from .infra.config import ConfigError, check_choice, check_range  # noqa: E402  
 from .infra.errors import PassError, PipelineError
 from .infra.pipeline import load_steps, run_pass, run_pipeline
 from .infra.registry import get_pass, list_passes, register_pass, unregister_pass
-from .ir.errors import CheckpointError, GraphpruneError, InputError, LoweredForAnotherCPU, TraceError
+from .ir.errors import CheckpointError, ExportError, GraphpruneError, InputError, LoweredForAnotherCPU, TraceError
 from .ir.graph import Graph, load
 from .ir.masks import commit_masks, count_parameters
 from .ir.modules import AttentionCore, register_module_type
@@ -59,6 +59,7 @@ __all__ = [
     "CalibrationData",
     "CheckpointError",
     "ConfigError",
+    "ExportError",
     "Graph",
     "GradualPruning",
     "GraphpruneError",
