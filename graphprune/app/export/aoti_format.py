@@ -21,9 +21,9 @@ import torch
 from ...ir.errors import ExportError
 from ...ir.exporters import register_exporter
 from ...ir.runtime import cxx_compiler, inference_only
-from .artefact import build_manifest, staged_folder, write_manifest, write_support_files
+from .artefact import staged_folder
 from .module import dynamic_shapes, example_args, export_module, max_sequence, reference_outputs, sample_cases, signature
-from .verify import check_in_fresh_process
+from .verify import finish_artefact
 
 NAME = "export aoti"
 MODEL_FILE = "model.pt2"
@@ -47,13 +47,9 @@ def export_aoti(graph, path, *, pooling: str | None = None, tokenizer=None, seed
             warnings.simplefilter("ignore")
             program = torch.export.export(module, example_args(inputs), dynamic_shapes=dynamic_shapes(inputs, max_sequence(graph)), strict=False)
             torch._inductor.aoti_compile_and_package(program, package_path=str(folder / MODEL_FILE), inductor_configs={"freezing": True})
-        has_tokenizer = write_support_files(graph, folder, tokenizer)
         int8 = inference_only(graph) and lowered.get("precision") == "int8"
         fields = {"precision": "int8" if int8 else "fp32", "scheme": lowered.get("scheme"), "isa": lowered.get("isa"), "cpu": lowered.get("cpu")}
-        manifest = build_manifest(graph, folder, artefact="aoti", model_file=MODEL_FILE, inputs=inputs, outputs=outputs,
-                                  task=task, tokenizer=has_tokenizer, pooling=pooling, **fields)
-        write_manifest(folder, manifest)
-        manifest["verification"] = check_in_fresh_process(folder, reference, cases, exact=not int8, caller=NAME)
-        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
-        write_manifest(folder, manifest)
+        manifest = finish_artefact(graph, folder, caller=NAME, reference=reference, cases=cases, exact=not int8, started=started,
+                                   tokenizer=tokenizer, artefact="aoti", model_file=MODEL_FILE, inputs=inputs, outputs=outputs,
+                                   task=task, pooling=pooling, **fields)
     return manifest

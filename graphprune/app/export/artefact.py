@@ -117,7 +117,3 @@ def record_accuracy(folder, key: str, metrics: dict) -> None:
     manifest = read_manifest(folder)
     manifest.setdefault("accuracy", {})[key] = metrics
     write_manifest(folder, manifest)
-
-
-def folder_bytes(folder) -> int:
-    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())

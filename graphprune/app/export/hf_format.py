@@ -23,9 +23,9 @@ from ...ir.errors import ExportError
 from ...ir.exporters import register_exporter
 from ...ir.graph import Graph
 from ...ir.runtime import inference_only
-from .artefact import build_manifest, staged_folder, write_manifest, write_support_files
-from .module import export_module, float_copy, reference_outputs, sample_cases, signature
-from .verify import check_in_fresh_process
+from .artefact import staged_folder
+from .module import ExportModule, float_copy, reference_outputs, sample_cases, signature
+from .verify import finish_artefact
 
 NAME = "export hf"
 MODEL_FILE = "model.safetensors"
@@ -114,16 +114,12 @@ def export_hf(graph, path, *, pooling: str | None = None, tokenizer=None, seed: 
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ExportError(f"{NAME}: the graph's weights do not fit {model_class.__name__} (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    module = export_module(work, inputs, outputs)
+    module = ExportModule(work.module, inputs, outputs).eval()  # of the folded copy itself: no second copy
     cases = sample_cases(graph, inputs, seed=seed)
     reference = reference_outputs(module, cases)
     with staged_folder(path, NAME) as folder:
         model.save_pretrained(folder)
-        has_tokenizer = write_support_files(graph, folder, tokenizer)
-        manifest = build_manifest(graph, folder, artefact="hf", model_file=MODEL_FILE, inputs=inputs, outputs=outputs, task=task,
-                                  tokenizer=has_tokenizer, pooling=pooling, precision="fp32", hf_class=model_class.__name__)
-        write_manifest(folder, manifest)
-        manifest["verification"] = check_in_fresh_process(folder, reference, cases, exact=True, caller=NAME)
-        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
-        write_manifest(folder, manifest)
+        manifest = finish_artefact(graph, folder, caller=NAME, reference=reference, cases=cases, exact=True, started=started,
+                                   tokenizer=tokenizer, artefact="hf", model_file=MODEL_FILE, inputs=inputs, outputs=outputs,
+                                   task=task, pooling=pooling, precision="fp32", hf_class=model_class.__name__)
     return manifest

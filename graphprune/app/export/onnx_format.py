@@ -27,12 +27,12 @@ import torch
 from ...ir.errors import ExportError
 from ...ir.exporters import register_exporter
 from ...ir.runtime import inference_only
-from .artefact import build_manifest, staged_folder, write_manifest, write_support_files
+from .artefact import staged_folder
 from .module import check_option, dynamic_shapes, example_args, export_module, max_sequence, reference_outputs, sample_cases, signature
 from .onnx_optimize import try_optimize
 from .onnx_quantize import SCHEMES, calibration_inputs, nodes_to_quantize
 from .onnx_quantize import quantize as quantize_onnx
-from .verify import check_in_fresh_process
+from .verify import finish_artefact
 
 NAME = "export onnx"
 MODEL_FILE = "model.onnx"
@@ -109,11 +109,7 @@ def export_onnx(
             batches = calibration_inputs(graph, data, inputs, num_samples, seed) if quantize == "static" else None
             fields.update(quantize_onnx(float_file, folder / MODEL_FILE, quantize, scheme, batches, candidates))
             float_file.unlink()
-        has_tokenizer = write_support_files(graph, folder, tokenizer)
-        manifest = build_manifest(graph, folder, artefact="onnx", model_file=MODEL_FILE, inputs=inputs, outputs=outputs,
-                                  task=task, tokenizer=has_tokenizer, pooling=pooling, **fields)
-        write_manifest(folder, manifest)
-        manifest["verification"] = check_in_fresh_process(folder, reference, cases, exact=quantize is None, caller=NAME)
-        manifest["export_seconds"] = round(time.perf_counter() - started, 1)
-        write_manifest(folder, manifest)
+        manifest = finish_artefact(graph, folder, caller=NAME, reference=reference, cases=cases, exact=quantize is None, started=started,
+                                   tokenizer=tokenizer, artefact="onnx", model_file=MODEL_FILE, inputs=inputs, outputs=outputs,
+                                   task=task, pooling=pooling, **fields)
     return manifest

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ...ir import cpu
+from ...ir.calls import model_call_of
 from ...ir.errors import ExportError
 from ...ir.runtime import FLOAT_HEAD_PREFIXES, is_skipped
 from ...training.calibration import calibration_batches, model_inputs
@@ -83,14 +84,16 @@ def nodes_to_quantize(model) -> dict[str, str]:
 
 
 def calibration_inputs(graph, data, inputs, num_samples: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Calibration batches as ONNX feeds: graphprune's calibration data, the same examples ``lower`` uses."""
+    """Calibration batches as ONNX feeds: graphprune's calibration data, the same examples ``lower`` uses.
+
+    Inputs a batch leaves out are filled as the model fills them (its recorded call's rules).
+    """
     batches = calibration_batches(graph, data, num_samples=num_samples, caller="export onnx (static int8)", seed=seed)
+    call = model_call_of(graph.module)
     feeds = []
     for batch in batches:
-        given = model_inputs(batch, graph)
-        ids = given["input_ids"]
-        fills = {"attention_mask": np.ones(tuple(ids.shape), np.int64), "token_type_ids": np.zeros(tuple(ids.shape), np.int64)}
-        feeds.append({name: given[name].cpu().numpy().astype(np.int64) if name in given else fills[name] for name in inputs})
+        complete = call.example_inputs(model_inputs(batch, graph))
+        feeds.append({name: complete[name].cpu().numpy().astype(np.int64) for name in inputs})
     return feeds
 
 

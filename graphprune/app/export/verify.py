@@ -15,15 +15,32 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from ...ir.errors import ExportError
-from .artefact import SCRIPT
+from .artefact import SCRIPT, build_manifest, write_manifest, write_support_files
 
 FLOAT_TOLERANCE = 1e-4
 CHECK_TIMEOUT_S = 600
+
+
+def finish_artefact(graph, folder: Path, *, caller: str, reference: dict, cases: dict, exact: bool, started: float,
+                    tokenizer=None, **manifest_fields) -> dict:
+    """What every format does once its model file is in the staged ``folder``.
+
+    Writes the tokenizer files, ``predict.py`` and the manifest, checks the artefact in a
+    fresh process, and records the check and the export time; returns the manifest.
+    """
+    has_tokenizer = write_support_files(graph, folder, tokenizer)
+    manifest = build_manifest(graph, folder, tokenizer=has_tokenizer, **manifest_fields)
+    write_manifest(folder, manifest)  # predict.py reads it
+    manifest["verification"] = check_in_fresh_process(folder, reference, cases, exact=exact, caller=caller)
+    manifest["export_seconds"] = round(time.perf_counter() - started, 1)
+    write_manifest(folder, manifest)
+    return manifest
 
 
 def check_in_fresh_process(folder: Path, reference: dict, cases: dict, *, exact: bool, caller: str) -> dict:
