@@ -27,56 +27,29 @@ from ..ir.calls import model_call_of
 from ..ir.graph import Graph
 from .batches import data_name, make_batches, on_device, subset
 from .evaluate import evaluate, task_of
+from .finetune_config import FinetuneConfig, option_callbacks
 
 
 class Callback(Protocol):
-    """Hooks into :func:`finetune`; ``on_train_begin`` is optional.
+    """Hooks into :func:`finetune`; every hook is optional.
 
     ``on_train_begin`` runs before the optimizer is built, so parameters a callback
-    adds there (movement scores) are trained; ``on_step_end`` runs after every step.
+    adds there (movement scores, gates) are trained; ``on_optimizer`` gets the
+    optimizer once built (for the current learning rate); ``extra_loss`` returns a
+    term added to the step's loss (a regulariser, a distillation term) or None;
+    ``on_step_end`` runs after every optimizer step; ``on_train_end`` runs once
+    training stops, also after an error (to undo what ``on_train_begin`` put in).
     """
 
     def on_train_begin(self, graph: Graph, total_steps: int) -> None: ...
 
+    def on_optimizer(self, optimizer: torch.optim.Optimizer) -> None: ...
+
+    def extra_loss(self, graph: Graph, batch: dict, step: int, total_steps: int) -> torch.Tensor | None: ...
+
     def on_step_end(self, graph: Graph, step: int, total_steps: int) -> None: ...
 
-
-@dataclass
-class FinetuneConfig:
-    """Fine-tuning options (defaults: the recipe measured in DESIGN.md)."""
-
-    learning_rate: float = 5e-5
-    epochs: float = 2.0
-    max_steps: int | None = None
-    batch_size: int = 32  # the global batch, over all processes
-    max_length: int = 64
-    subset: int | None = None
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    seed: int = 0
-    kd_temperature: float = 2.0
-    kd_weight: float = 0.5
-    score_learning_rate: float = 1e-2  # learned pruning scores (movement), as Sanh et al. 2020
-    eval_batch_size: int = 64
-    progress: bool = True
-
-    def __post_init__(self):
-        checks = [
-            ("learning_rate", self.learning_rate > 0, "a number > 0"),
-            ("epochs", self.epochs > 0, "a number > 0"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 1, "an integer >= 1 or None"),
-            ("batch_size", self.batch_size >= 1, "an integer >= 1"),
-            ("max_length", self.max_length >= 2, "an integer >= 2"),
-            ("subset", self.subset is None or self.subset >= 1, "an integer >= 1 or None"),
-            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
-            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "a number in [0, 1)"),
-            ("kd_temperature", self.kd_temperature > 0, "a number > 0"),
-            ("kd_weight", 0 <= self.kd_weight <= 1, "a number in [0, 1]"),
-            ("score_learning_rate", self.score_learning_rate > 0, "a number > 0"),
-        ]
-        for name, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"finetune: {name} = {getattr(self, name)!r} is not allowed; expected {allowed}")
+    def on_train_end(self, graph: Graph) -> None: ...
 
 
 @dataclass
@@ -178,30 +151,51 @@ def finetune(
         raise ValueError(f"finetune: dataset {data_name(train_data)!r} is empty")
     total = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    processes, rank = accelerator.num_processes, accelerator.process_index
+    processes = accelerator.num_processes
     if config.batch_size < processes:
         raise ValueError(
             f"finetune: batch_size = {config.batch_size} is not allowed with {processes} processes; it is the global "
             f"batch, shared by the processes, so expected an integer >= {processes}"
         )
-    main = accelerator.is_main_process
     for g in (graph, teacher):
         if g is not None and g.device != accelerator.device:
             g.to(accelerator.device)  # also moves the devices export baked into the graph
-    for callback in callbacks:
-        if hasattr(callback, "on_train_begin"):
-            callback.on_train_begin(graph, total)
+    callbacks = list(callbacks) + option_callbacks(config, graph, teacher)
+    begun = []
+    try:
+        for callback in callbacks:
+            if hasattr(callback, "on_train_begin"):
+                callback.on_train_begin(graph, total)
+            begun.append(callback)
+        return _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config, loader, total, accelerator, callbacks)
+    finally:
+        for callback in reversed(begun):
+            if hasattr(callback, "on_train_end"):
+                callback.on_train_end(graph)
+        graph.module.eval()
+
+
+def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config, loader, total, accelerator, callbacks) -> FinetuneResult:
+    steps_per_epoch = len(loader)
+    processes, rank = accelerator.num_processes, accelerator.process_index
+    main = accelerator.is_main_process
     module = graph.module
     params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
     scores = [p for name, p in params if name.endswith(".scores")]
-    weights = [(name, p) for name, p in params if not name.endswith(".scores")]
+    gates = [p for name, p in params if name.endswith(".log_alpha")]
+    weights = [(name, p) for name, p in params if not name.endswith((".scores", ".log_alpha"))]
     groups = [
         {"params": [p for _, p in weights if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for _, p in weights if p.dim() < 2], "weight_decay": 0.0},  # biases and LayerNorm weights
     ]
     if scores:  # learned pruning scores: their own learning rate, no decay
         groups.append({"params": scores, "weight_decay": 0.0, "lr": config.score_learning_rate})
+    if gates:  # hard-concrete gates (l0_structured, factorize): their own learning rate, no decay
+        groups.append({"params": gates, "weight_decay": 0.0, "lr": config.gate_learning_rate})
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    for callback in callbacks:
+        if hasattr(callback, "on_optimizer"):
+            callback.on_optimizer(optimizer)
     warmup = int(config.warmup_ratio * total)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
@@ -228,6 +222,10 @@ def finetune(
                     with torch.no_grad():
                         teacher_out = teacher_module(**inputs)
                     loss = distillation_loss(out, teacher_out, loss, config.kd_temperature, config.kd_weight, batch.get("attention_mask"))
+                for callback in callbacks:
+                    term = callback.extra_loss(graph, batch, result.steps, total) if hasattr(callback, "extra_loss") else None
+                    if term is not None:
+                        loss = loss + term
                 # Each process's loss is a mean over its slice; weighted by the slice's share of the
                 # batch's loss terms, the gradients DDP averages are those of the global batch's mean.
                 weight = share * processes / accelerator.reduce(share.clone(), reduction="sum") if processes > 1 else 1.0
@@ -241,7 +239,8 @@ def finetune(
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
                 for callback in callbacks:
-                    callback.on_step_end(graph, result.steps, total)
+                    if hasattr(callback, "on_step_end"):
+                        callback.on_step_end(graph, result.steps, total)
                 if result.steps % steps_per_epoch == 0 or result.steps == total:
                     if eval_data is not None:  # every process evaluates the whole set: the same numbers
                         metrics = evaluate(
@@ -257,7 +256,6 @@ def finetune(
                     break
     finally:
         bar.close()
-        graph.module.eval()
     recorded = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "eval_batch_size")}
     graph.history.append(
         {"pass": "finetune", "config": {**recorded, "dataset": data_name(train_data), "steps": result.steps, "teacher": teacher is not None}}

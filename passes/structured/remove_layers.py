@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 import graphprune
 from graphprune.infra.config import ConfigError, check_choice, check_range
-from graphprune.ir.metadata import common
+from graphprune.ir.layers import LayerStructureError
+from graphprune.ir.layers import layer_spans as spans_of
 from graphprune.training.calibration import StagedForward, calibration_batches
 
 from .blocks import StructureError, editable, finish_surgery
@@ -51,19 +52,10 @@ class RemoveLayersConfig:
 def layer_spans(graph) -> list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]:
     """Per encoder layer, (input node, output node, the node that reads the input first: the query projection)."""
     editable(graph, "remove_layers")
-    gm = graph.module
-    queries = [n for n in gm.graph.nodes if common(n).get("role") == "query"]
-    if not queries:
-        raise StructureError(f"pass 'remove_layers': {graph.source.get('model_class', 'this graph')} has no encoder layers it can find")
-    spans = []
-    for query in queries:
-        layer = common(query).get("layer")
-        inside = {n for n in gm.graph.nodes if common(n).get("layer") == layer}
-        leaving = [n for n in inside if any(u not in inside for u in n.users)]
-        if len(leaving) != 1:
-            raise StructureError(f"pass 'remove_layers': encoder layer {layer} has {len(leaving)} outputs, not one")
-        spans.append((query.args[0], leaving[0], query))
-    return spans
+    try:
+        return [(s.input, s.output, s.reader) for s in spans_of(graph, "pass 'remove_layers'")]
+    except LayerStructureError as error:
+        raise StructureError(str(error)) from None
 
 
 def similarity_scores(graph, spans, batches) -> list[float]:
