@@ -78,6 +78,8 @@ class HardConcreteGate(nn.Module):
         return z
 
     def forward(self) -> torch.Tensor:
+        if torch._guards.detect_fake_mode() is not None:  # shape propagation: the top-k is data-dependent
+            return self.log_alpha.new_empty(self.shape)
         z = self.sample() if self.training else self.deterministic()
         return z.view(self.shape)
 

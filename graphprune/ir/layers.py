@@ -30,10 +30,11 @@ class LayerStructureError(ValueError):
 def layer_spans(graph, caller: str) -> list[LayerSpan]:
     """Per encoder layer, in order, its span; ``caller`` names who asks, in errors.
 
-    Needs ``init_metadata`` (every pass that edits layers runs it first).
+    Needs ``init_metadata`` (every pass that edits layers runs it first); nodes added
+    since without metadata (a training-time LayerDrop skip) count as outside every layer.
     """
     gm = graph.module
-    if any("graphprune.common" not in n.meta for n in gm.graph.nodes):
+    if not any("graphprune.common" in n.meta for n in gm.graph.nodes):
         raise LayerStructureError(f"{caller}: the graph has no node metadata; run the 'init_metadata' pass first")
     queries = [n for n in gm.graph.nodes if common(n).get("role") == "query"]
     if not queries:

@@ -2,7 +2,9 @@
 
 - :class:`Quantizer`: ``x -> x`` in one number format (``formats.py``), straight-through
   gradient. It is the ``call_module`` node inserted before a quantized op's input and the
-  parametrization stacked on a quantized weight or bias (after any pruning mask).
+  parametrization stacked on a quantized weight or bias (after any pruning mask). In
+  training, a weight's quantizer can apply its format to a random share of blocks only
+  (Quant-Noise, ``noise_fraction``; switched on by ``finetune(..., quant_noise=p)``).
 - :class:`QuantizedAttentionCore`: an :class:`AttentionCore` that computes
   ``softmax(q k^T * scale + mask) v`` explicitly, so that both attention matmuls can
   quantize their operands, the probabilities included.
@@ -51,6 +53,17 @@ class Quantizer(nn.Module):
 
     ``keys`` are MASE's prefixed keys for one operand (``{"weight_width": 8,
     "weight_frac_width": 4}``); they are checked on construction (ConfigError).
+
+    Quant-Noise (Fan et al. 2020): in training mode with ``noise_fraction = p > 0``, each
+    forward pass rounds only a random share ``p`` of blocks (``noise_block`` consecutive
+    elements along the last, input, dimension of each row; a last partial block counts
+    as one) and leaves the others float: ``where(chosen, q(w), w)``, every block drawn
+    independently from torch's global RNG. Both kinds of block pass the gradient
+    straight through. In eval mode or with ``p = 0`` the output is exactly ``q(w)``.
+    ``finetune(..., quant_noise=p)`` sets ``p`` on the quantizers of weight tensors only
+    (not on the key/value operands that MASE also quantizes with ``weight_`` keys, which
+    are activations) and sets it back to 0 afterwards; the two attributes are
+    training-time state, not config, so a saved and reloaded quantizer has ``p = 0``.
     """
 
     def __init__(self, format: str, prefix: str, keys: Mapping):  # noqa: A002  (MASE's word)
@@ -59,6 +72,8 @@ class Quantizer(nn.Module):
         self.prefix = prefix
         self.keys = dict(keys)
         self._fn = quantizer(format, prefix, self.keys)
+        self.noise_fraction: float = 0.0
+        self.noise_block: int = 8
 
     @property
     def bits(self) -> float:
@@ -69,10 +84,27 @@ class Quantizer(nn.Module):
         return {"format": self.format, "prefix": self.prefix, "keys": dict(self.keys)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fn(x)
+        if not (self.training and self.noise_fraction > 0):
+            return self._fn(x)
+        return quant_noise(x, self._fn(x), self.noise_fraction, self.noise_block)
 
     def extra_repr(self) -> str:
         return f"{self.format}, {self.keys}"
+
+
+def quant_noise(x: torch.Tensor, q: torch.Tensor, p: float, block: int) -> torch.Tensor:
+    """``q`` on a random share ``p`` of ``block``-element blocks along ``x``'s last dimension, ``x`` elsewhere.
+
+    ``q`` is computed on the whole tensor first, so formats that share a scale over a
+    row or block (per-channel integer, MX, BFP) round the chosen blocks exactly as
+    without noise.
+    """
+    v = x.reshape(1) if x.dim() == 0 else x
+    n = v.shape[-1]
+    blocks = -(-n // block)  # the last partial block is drawn like a whole one
+    chosen = torch.rand(*v.shape[:-1], blocks, device=x.device) < p
+    chosen = chosen.repeat_interleave(block, dim=-1)[..., :n]
+    return torch.where(chosen, q.reshape(v.shape), v).reshape(x.shape)
 
 
 class QuantizedAttentionCore(AttentionCore):

@@ -1,0 +1,206 @@
+"""Reweighted Proximal Pruning (Guo et al. 2019, "Reweighted Proximal Pruning for Large-Scale
+Language Representation"): a reweighted L1 penalty on the encoder weights, applied by a
+proximal step after each optimiser step rather than through the loss.
+
+AdamW's normalised steps make an L1 gradient term useless (every weight moves by about
+``lr`` whatever its size, none lands on zero), so after each AdamW step every selected
+weight is soft-thresholded::
+
+    w <- sign(w) * max(|w| - lr * lambda * r, 0),    r = 1 / (|w_ref| + epsilon)
+
+``lr`` is the current learning rate of the weight's parameter group and ``w_ref`` the
+weight at the last reweighting (training start, then every ``reweight_every`` steps):
+weights already small get a larger threshold, which approximates an L0 penalty (Candès
+et al. 2008). ``lambda = penalty * mean|w_0|``, the mean magnitude of the selected
+non-zero weights at the start, so ``penalty`` is free of the model's weight scale: at
+``penalty = 1`` a weight of average size shrinks by ``lr`` a step, as far as one Adam
+step can move it back; smaller weights shrink faster.
+
+Fields of :class:`RppConfig` (the ``rpp`` table of :func:`graphprune.finetune`):
+``penalty`` (> 0, default 4: on the tiny BERT and MiniLM at lr 5e-5 over 300 steps
+about a third to a half of the weights end exactly zero), ``epsilon`` (> 0, default
+1e-3), ``reweight_every`` (default 50), ``sparsity`` (None, or in (0, 1): at the end,
+masks keep the largest |w| over all the selected weights together, a global threshold
+as in the paper, so the matrices the penalty emptied most are pruned most; exact zeros
+go first) and ``roles`` (default the six encoder projections).
+
+Example:
+    >>> graphprune.finetune(graph, train, tok, teacher=dense, max_steps=300, rpp={"penalty": 4, "sparsity": 0.7})
+    >>> graph.meta["rpp"]["zeros_before_masks"], graph.meta["rpp"]["sparsity"]
+    (0.41, 0.7)
+    >>> graphprune.commit_masks(graph)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+import torch
+from torch import nn
+
+from ..infra.pipeline import run_pass
+from ..ir.masks import mask_of, pruning_hooks, set_mask, unmasked_weight
+from ..ir.metadata import common
+
+ENCODER_ROLES = ("query", "key", "value", "attention_output", "ffn_up", "ffn_down")
+# every role the metadata gives a Linear node (passes/analysis/roles.py, which we may not import)
+LINEAR_ROLES = ENCODER_ROLES + ("embedding_projection", "pooler", "classifier", "other")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class RppConfig:
+    penalty: float = 4.0  # lambda in units of the selected weights' mean |w| at the start
+    epsilon: float = 1e-3
+    reweight_every: int = 50
+    sparsity: float | None = None
+    roles: tuple[str, ...] = ENCODER_ROLES
+
+    def __post_init__(self):
+        roles = self.roles
+        if isinstance(roles, (list, tuple)) and all(isinstance(r, str) for r in roles):
+            object.__setattr__(self, "roles", tuple(roles))  # a TOML list arrives as a list
+        checks = [
+            ("penalty", _number(self.penalty) and self.penalty > 0, "a number > 0"),
+            ("epsilon", _number(self.epsilon) and self.epsilon > 0, "a number > 0"),
+            ("reweight_every", isinstance(self.reweight_every, int) and not isinstance(self.reweight_every, bool)
+             and self.reweight_every >= 1, "an integer >= 1"),
+            ("sparsity", self.sparsity is None or (_number(self.sparsity) and 0 < self.sparsity < 1), "a fraction in (0, 1) or None"),
+            ("roles", isinstance(self.roles, tuple) and self.roles and all(r in LINEAR_ROLES for r in self.roles),
+             f"a non-empty list of Linear roles from {list(LINEAR_ROLES)}"),
+        ]
+        for name, ok, allowed in checks:
+            if not ok:
+                value = roles if name == "roles" else getattr(self, name)
+                raise ValueError(f"finetune: rpp.{name} = {value!r} is not allowed; expected {allowed}")
+
+    @classmethod
+    def from_options(cls, options: Mapping) -> RppConfig:
+        """The config of an ``rpp`` options table; ``ValueError`` naming ``rpp.<field>`` otherwise."""
+        if not isinstance(options, Mapping):
+            raise ValueError(f"finetune: rpp = {options!r} is not allowed; expected a table of rpp options")
+        allowed = [f.name for f in fields(cls)]
+        for key, value in options.items():
+            if key not in allowed:
+                raise ValueError(f"finetune: rpp.{key} = {value!r} is not allowed; expected one of the rpp options {allowed}")
+        return cls(**options)  # unpacking copies: the caller's dict is never touched
+
+
+def selected_weights(graph, roles) -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    """Module name -> (Linear, its Parameter under any mask) for the Linear nodes with these roles."""
+    gm = graph.module
+    if any("role" not in common(n) for n in gm.graph.nodes):
+        run_pass(graph, "init_metadata", inplace=True)
+    found, seen = {}, set()
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or common(node).get("role") not in roles:
+            continue
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, nn.Linear):
+            continue
+        if pruning_hooks(module):
+            raise ValueError(f"finetune: rpp: {node.target} has torch.nn.utils.prune masks; run 'commit_masks' first")
+        weight = unmasked_weight(module)
+        if id(weight) not in seen:  # ALBERT's shared layer, tied weights: one step each
+            seen.add(id(weight))
+            found[node.target] = (module, weight)
+    if not found:
+        raise ValueError(f"finetune: rpp.roles = {list(roles)!r} is not allowed; expected roles of Linear layers in this graph")
+    return found
+
+
+def _effective(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    mask = mask_of(module)
+    return weight if mask is None else torch.where(mask.mask, weight, 0.0)
+
+
+class ReweightedProximal:
+    """Finetune callback: the reweighted proximal step after every optimiser step, masks at the end.
+
+    ``reweights`` holds ``r`` per module and ``reweighted_at`` the steps it was computed
+    at; after training ``report`` (also ``graph.meta["rpp"]``) has the absolute lambda,
+    the share of exact zeros the proximal steps alone reached (``zeros_before_masks``)
+    and the masked share (``sparsity``, None without masks).
+    """
+
+    def __init__(self, config: RppConfig | None = None):
+        self.config = config or RppConfig()
+        self.report: dict = {}
+        self.reweights: dict[str, torch.Tensor] = {}
+        self.reweighted_at: list[int] = []
+        self.penalty: float | None = None
+        self._targets: dict = {}
+        self._groups: dict[int, dict] = {}
+        self._step, self._total = 0, None
+
+    def on_train_begin(self, graph, total_steps: int) -> None:
+        self._targets = selected_weights(graph, self.config.roles)
+        self._step, self._total, self.reweighted_at = 0, total_steps, []
+        with torch.no_grad():
+            values = torch.cat([_effective(m, w).detach().abs().flatten() for m, w in self._targets.values()])
+            kept = values[values != 0]
+            scale = kept.mean().item() if kept.numel() else 1.0
+        self.penalty = self.config.penalty * scale
+        self._reweight(0)
+
+    def on_optimizer(self, optimizer) -> None:
+        # the group dicts are live: the schedule writes each step's lr into them
+        self._groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+
+    @torch.no_grad()
+    def _reweight(self, step: int) -> None:
+        self.reweights = {name: 1.0 / (w.detach().abs() + self.config.epsilon) for name, (_, w) in self._targets.items()}
+        self.reweighted_at.append(step)
+
+    @torch.no_grad()
+    def on_step_end(self, graph, step: int, total_steps: int) -> None:
+        self._step = step
+        for name, (_, weight) in self._targets.items():
+            group = self._groups.get(id(weight))
+            if group is None or not group["lr"]:
+                continue  # a frozen weight (not optimised) is left as it is
+            shrunk = (weight.abs() - group["lr"] * self.penalty * self.reweights[name]).clamp_(min=0)
+            # where, not sign * shrunk: a zeroed negative weight is +0.0, one bit pattern for sparse checkpoints
+            weight.copy_(torch.where(shrunk > 0, weight.sign() * shrunk, 0.0))
+        if step % self.config.reweight_every == 0:
+            self._reweight(step)
+
+    def on_train_end(self, graph) -> None:
+        if not self._targets:
+            return
+        with torch.no_grad():
+            values = [_effective(m, w).detach() for m, w in self._targets.values()]
+        total = sum(v.numel() for v in values)
+        zeros = sum(int((v == 0).sum()) for v in values)
+        sparsity = None
+        # masks only after a finished run: after an error the weights stay as the steps left them
+        if self.config.sparsity is not None and self._total is not None and self._step >= self._total:
+            sparsity = self._install_masks(values) / total
+        self.report = {
+            "penalty": self.config.penalty, "penalty_absolute": self.penalty, "epsilon": self.config.epsilon,
+            "reweight_every": self.config.reweight_every, "roles": list(self.config.roles), "weights": total,
+            "zeros_before_masks": zeros / total, "sparsity": sparsity,
+        }
+        graph.meta["rpp"] = dict(self.report)
+        run_pass(graph, "add_sparsity_metadata", inplace=True)  # graph.meta["sparsity"] and summary() see the zeros
+        self._targets, self._groups = {}, {}
+
+    @torch.no_grad()
+    def _install_masks(self, values: list[torch.Tensor]) -> int:
+        flat = torch.cat([v.abs().flatten() for v in values])
+        count = round(self.config.sparsity * flat.numel())
+        drop = torch.zeros_like(flat, dtype=torch.bool)
+        drop[torch.argsort(flat, stable=True)[:count]] = True  # exactly `count`; ties (the zeros) by position
+        start = 0
+        for (module, weight), value in zip(self._targets.values(), values):
+            old = mask_of(module)
+            if old is not None:  # stale values under an old mask must not come back if it is lifted
+                weight.masked_fill_(~old.mask, 0.0)
+            set_mask(module, ~drop[start : start + value.numel()].view_as(value))
+            start += value.numel()
+        return count
