@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -88,7 +90,29 @@ def summarize(graph, *, seq_len: int | None = None, batch_size: int | None = Non
     summary.rows.append({"layer": "total", **summary.totals})
     _add_sparsity(summary, graph.meta.get("sparsity"))
     _add_quantization(summary, graph.meta.get("quantize"))
+    _add_gates(summary, graph)
     return summary
+
+
+def _add_gates(summary: Summary, graph) -> None:
+    """A ``gates`` column (what the gates keep at evaluation) and the expected size, while gates are on the graph."""
+    from .gates import GATES, gate_method
+
+    method = gate_method(graph)
+    if method is None:
+        return
+    record = graph.meta[GATES]
+    with torch.no_grad():
+        expected = float(method.expected_fraction(graph))
+    summary.title += f"; {method.name} gates: expected {expected:.3f} of the {record.get('metric', 'size')} kept, target {record['target']:.3f}"
+    if method.describe is None:
+        return
+    rows = method.describe(graph)
+    summary.columns.append("gates")
+    for row in summary.rows:
+        found = rows.get(row["layer"])
+        if found:
+            row["gates"] = "; ".join(f"{v}" for v in found.values())
 
 
 def _lowered_note(lowered: dict | None) -> str:

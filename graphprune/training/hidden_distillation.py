@@ -84,9 +84,10 @@ class HiddenDistillation:
                     f"finetune: kd_layer_map = {self.layer_map!r} is not allowed; expected {len(self.student_taps)} teacher "
                     f"layer indices (one per student layer), each in 0..{len(self.teacher_taps) - 1}"
                 )
-        hidden = graph.source.get("config", {}).get("hidden_size")
-        if hidden is None:
-            raise ValueError("finetune: kd_hidden_weight needs the model's hidden_size in the graph's source config")
+        val = layer_spans(graph, "finetune (kd_hidden_weight)")[0].output.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            raise ValueError("finetune: kd_hidden_weight needs the shapes of the layer outputs (graph node metadata 'val')")
+        hidden = int(val.shape[-1])
         self.transform = nn.Linear(hidden, hidden, device=graph.device)
         with torch.no_grad():
             self.transform.weight.copy_(torch.eye(hidden))

@@ -4,7 +4,7 @@ A stock config describes every layer alike: so only graphs whose structure one c
 express export here. Allowed: layers removed (``num_hidden_layers``, the kept layers
 renumbered in order), FFN neurons removed alike in every layer (``intermediate_size``),
 committed pruning masks (zeros are just weights). Refused, with the edits named:
-heads removed (transformers 5 no longer honours ``pruned_heads`` on load, and fewer
+heads or hidden dimensions removed (transformers 5 no longer honours ``pruned_heads`` on load, and fewer
 heads than the config's changes ``head_dim``), FFN widths that differ between
 layers, simulated quantizers, lowered graphs. Those export with ``onnx`` or ``aoti``.
 
@@ -54,6 +54,9 @@ def _blockers(graph: Graph, layers: list[dict], config) -> list[str]:
     uneven = [f"layer {layer['index']}: {layer['heads']}" for layer in layers if layer["heads"] != heads]
     if uneven:
         reasons.append(f"heads were removed ({'; '.join(uneven)} of {heads})")
+    hidden = [e for e in graph.edits if e.get("pass") == "remove_hidden"]
+    if hidden:
+        reasons.append(f"hidden dimensions were removed ({sum(e['removed'] for e in hidden)} of {hidden[0]['hidden_before']})")
     widths = sorted({layer["ffn_width"] for layer in layers})
     if len(widths) > 1:
         reasons.append(f"FFN widths differ between layers ({', '.join(map(str, widths))})")
