@@ -40,4 +40,7 @@ def export_graph(graph, path, format: str, **options) -> dict:
     if format not in _EXPORTERS:
         known = ", ".join(export_formats()) or "none registered (import graphprune to register the built-in ones)"
         raise ExportError(f"export: format {format!r} is not one of: {known}")
+    gates = graph.meta.get("gates")
+    if gates:  # gates are a training device: what ships is the committed graph
+        raise ExportError(f"export {format}: the graph still carries {gates['method']!r} gates; run the 'commit_gates' pass first")
     return _EXPORTERS[format](graph, path, **options)

@@ -142,7 +142,7 @@ def gate_modules(graph) -> dict[str, HardConcreteGate]:
 
 def add_gate(gm: fx.GraphModule, target: str, gate: HardConcreteGate, before: fx.Node) -> fx.Node:
     """Install ``gate`` at ``target`` and a ``call_module`` node for it, placed before ``before``."""
-    gm.add_submodule(target, gate)
+    gm.add_submodule(target, gate.train(gm.training))  # a new module trains; in an evaluating graph it must not sample
     with gm.graph.inserting_before(before):
         node = gm.graph.call_module(target, ())
     node.meta["nn_module_stack"] = dict(before.meta.get("nn_module_stack", {}))

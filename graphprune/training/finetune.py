@@ -197,8 +197,13 @@ def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config,
         if hasattr(callback, "on_optimizer"):
             callback.on_optimizer(optimizer)
     warmup = int(config.warmup_ratio * total)
+    def warmup_then_decay(step):
+        return (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+
+    # gates keep a constant rate (as CoFi's own optimizer for them): the size target must still be
+    # reachable in the last steps, when the weights' rate has decayed to nothing
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: (step + 1) / max(1, warmup) if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
+        optimizer, [(lambda step: 1.0) if any(p is q for p in group["params"] for q in gates[:1]) else warmup_then_decay for group in optimizer.param_groups]
     )
     # The loader is not prepared: every process reads the same global batches and takes its
     # own slice (accelerate's sharding would give each process whole batches, or pad the last).

@@ -76,6 +76,14 @@ class HiddenDistillation:
         self.matches: list[list[int]] = []  # per step, the student layer of each teacher layer (for logs and tests)
 
     def on_train_begin(self, graph, total_steps: int) -> None:
+        self.student_taps, self.teacher_taps = [], []
+        try:
+            self._begin(graph)
+        except BaseException:
+            self.on_train_end(graph)  # finetune undoes only the callbacks whose on_train_begin returned: take the taps out here
+            raise
+
+    def _begin(self, graph) -> None:
         self.student_taps = _add_taps(graph, "finetune (kd_hidden_weight)")
         self.teacher_taps = _add_taps(self.teacher, "finetune (kd_hidden_weight, teacher)")
         if self.layer_map is not None:

@@ -50,8 +50,9 @@ class L0StructuredConfig:
     units: which gates, any of heads, attention, neurons, ffn, hidden (default all: CoFi); ["heads"] is Voita et al.
     seq_len: sequence length of the FLOPs formula (default 128).
     temperature: the hard-concrete temperature (default 2/3, CoFi's).
-    init: initial log_alpha of every gate (default 10: open; CoFi uses 0 for FFN neurons,
-        which halves their evaluation gate before any training, too slow a start for short budgets).
+    init: initial log_alpha of every gate (default 3: open with probability 0.99, evaluation value 0.97;
+        CoFi's 10 is too far from closing for a budget of one or two epochs, and its 0 for FFN
+        neurons halves their evaluation gate before any training).
     """
 
     target: float = 0.5
@@ -59,7 +60,7 @@ class L0StructuredConfig:
     units: tuple[str, ...] = UNITS
     seq_len: int = 128
     temperature: float = 2 / 3
-    init: float = 10.0
+    init: float = 3.0
 
     def __post_init__(self):
         check_range("target", self.target, 0, 1, low_open=True, high_open=True)
@@ -85,10 +86,17 @@ def l0_structured(graph, config: L0StructuredConfig):
     if len(heads) != len(ffns):
         raise ValueError(f"pass '{PASS}': found {len(heads)} attention blocks but {len(ffns)} FFN blocks; expected one of each per layer")
     stream = hidden_stream(graph, PASS) if "hidden" in config.units else None
+    if stream is not None:  # a factorised embedding (ELECTRA's) starts a narrower stream than the layers' own
+        outside = [node.target for attn, ffn in zip(heads, ffns) for node in (attn.out, ffn.down) if node not in stream.writers]
+        if outside:
+            raise ValueError(
+                f"pass '{PASS}': {outside[0]} does not write the hidden stream that starts at the {stream.hidden}-wide word "
+                "embeddings (a factorised embedding projects into the layers), so 'hidden' gates cannot apply; choose units without 'hidden'"
+            )
     gm = graph.module
 
     def gate(name, size, shape, before):
-        return add_gate(gm, name, HardConcreteGate(size, shape, config.temperature, config.init), before)
+        return add_gate(gm, name, HardConcreteGate(size, shape, config.temperature, config.init).to(graph.device), before)
 
     record = {"method": PASS, "target": 1.0 - config.target, "metric": config.metric, "seq_len": config.seq_len, "layers": [], "hidden": None}
     z_hidden = None
@@ -177,9 +185,10 @@ def expected_fraction(graph) -> torch.Tensor:
 
 
 def _hidden_width(graph) -> int:
-    from .hidden import current_hidden_size
-
-    return current_hidden_size(graph)
+    # the layers' own width (what their attention output projection writes), not the word embeddings':
+    # the two differ where a factorised embedding (ELECTRA's) projects into the layers
+    gm, record = graph.module, graph.meta[GATES]
+    return gm.get_submodule(record["layers"][0]["out"]).out_features
 
 
 register_gate_method(GateMethod(PASS, expected_fraction, commit_l0, describe_l0))

@@ -1,0 +1,296 @@
+"""Compression learned during fine-tuning, on the fine-tuned MiniLM baseline: accuracy against measured speed-up.
+
+One run on the cached baseline (built on first use, about 14 minutes), test split
+for the table, validation split for every choice. Each method trains for a budget
+stated in epochs of the 10k training snippets (batch 32), distilled from the dense
+baseline:
+
+- ``l0``: ``l0_structured`` (CoFi: heads, sublayers, FFN neurons, hidden dims) at
+  each FLOPs target, trained with logits and layer-wise hidden distillation, then
+  ``commit_gates``;
+- ``kprune``: ``structured_search`` K-prune at the FLOPs the learned graph reached,
+  then a distilled recovery of the same budget (the retraining-free method given the
+  same training);
+- ``factorize``: rank-gated SVD factors of the encoder Linears to a parameter target;
+- ``layerdrop``: fine-tuning with LayerDrop, then every other layer removed; beside
+  it the same removal from the baseline followed by the same fine-tuning without it;
+- ``rpp``: reweighted proximal L1 to 70% sparsity, beside movement pruning and
+  SparseGPT followed by a distilled recovery, all with the same budget;
+- ``quant_noise``: 4-bit weight QAT with Quant-Noise beside plain 4-bit QAT.
+
+Every committed graph is saved, reloaded (outputs compared bit for bit) and exported
+to ONNX (checked in ONNX Runtime). Speed-ups: the committed graph against the dense
+one, eager against eager at batch 8 x 128 and 1 x 64, compiled against compiled at
+batch 8 x 128. Prints the table and the targets, writes ``bench/results/learned.json``
+and ``learned.png`` (accuracy against speed-up, with ``bench/structured.py``'s axes).
+
+Run: ``python bench/learned.py [--methods l0,kprune,...] [--epochs E] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import graphprune
+from graphprune.training.baseline import load_baseline
+from graphprune.training.calibration import CalibrationData
+from graphprune.training.data import load_rotten_tomatoes
+from graphprune.training.models import load_tokenizer
+from graphprune.training.schedule import GradualPruning
+from graphprune.training.timing import compare_latency
+from report import machine as describe_machine, machine_line, save_figure, table, write_json  # bench/report.py
+from structured import compiled_speedup, latency_inputs  # bench/structured.py
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("l0", "kprune", "factorize", "layerdrop", "rpp", "quant_noise")
+L0_TARGETS = (0.6, 0.75, 0.85)  # FLOPs share removed; chosen on the validation split (see the README)
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+class Setup:
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.base = load_baseline()
+        self.tokenizer = load_tokenizer("minilm")
+        splits = load_rotten_tomatoes()
+        self.train = splits["train"].subset(256) if quick else splits["train"]
+        self.validation = splits["validation"].subset(128) if quick else splits["validation"]
+        self.test = splits["test"].subset(128) if quick else splits["test"]
+        self.calibration = CalibrationData(splits["train"], self.tokenizer)
+        self.lat8 = latency_inputs(splits["test"], self.tokenizer, 8)
+        self.lat1 = {k: v[:1, :64] for k, v in self.lat8.items()}
+        self.dense = {"validation": self.accuracy(self.base, self.validation), "test": self.accuracy(self.base, self.test)}
+        self.dense_params = sum(p.numel() for p in self.base.module.parameters())
+        self.dense_flops = flops(self.base)
+
+    def accuracy(self, graph, data) -> float:
+        return graphprune.evaluate(graph, data, self.tokenizer, progress=False)["accuracy"]
+
+    def finetune(self, graph, epochs: float, **options):
+        started = time.perf_counter()
+        graphprune.finetune(graph, self.train, self.tokenizer, teacher=self.base, epochs=epochs, progress=False, **options)
+        return time.perf_counter() - started
+
+
+def flops(graph) -> int:
+    info = graph.summary(seq_len=128, batch_size=1)
+    return info.totals["flops"]
+
+
+def measure(setup: Setup, graph, row: dict) -> dict:
+    """Accuracy on both splits, size, speed-ups, and the save/reload/export checks of a committed graph."""
+    row["accuracy_validation"] = setup.accuracy(graph, setup.validation)
+    row["accuracy"] = setup.accuracy(graph, setup.test)
+    row["drop_points"] = round((setup.dense["test"] - row["accuracy"]) * 100, 2)
+    row["params_m"] = round(sum(p.numel() for p in graph.module.parameters()) / 1e6, 3)
+    row["flops_ratio"] = round(flops(graph) / setup.dense_flops, 3)
+    with torch.no_grad():
+        e8 = compare_latency(graph.module, setup.base.module, setup.lat8, iters=5 if setup.quick else 15)
+        e1 = compare_latency(graph.module, setup.base.module, setup.lat1, iters=10 if setup.quick else 30)
+    row["speedup_b8"], row["speedup_b1"] = round(1 / e8["ratio"], 3), round(1 / e1["ratio"], 3)
+    compiled = compiled_speedup(graph.module, setup.base.module, setup.lat8, iters=5 if setup.quick else 10)
+    row["speedup_b8_compiled"] = round(compiled, 3) if isinstance(compiled, float) else compiled
+    row.update(round_trip(graph, setup.lat1))
+    log(f"  {row['method']:<24} {row.get('point', ''):<12} acc {row['accuracy']:.4f} (val {row['accuracy_validation']:.4f}) "
+        f"flops {row['flops_ratio']:.3f} b8 {row['speedup_b8']:.2f}x b1 {row['speedup_b1']:.2f}x compiled {row['speedup_b8_compiled']} "
+        f"train {row.get('train_seconds', 0):.0f} s; reload {row['reload_identical']}, onnx {row['onnx_export']}")
+    return row
+
+
+def round_trip(graph, inputs) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        graph.save(Path(tmp) / "ckpt")
+        again = graphprune.load(Path(tmp) / "ckpt")
+        with torch.no_grad():
+            a, b = graph.module.eval()(**inputs), again.module.eval()(**inputs)
+        identical = all(torch.equal(a[k], b[k]) for k in a)
+        try:
+            graph.export(Path(tmp) / "onnx", format="onnx")
+            exported = "ok"
+        except Exception as error:  # report it in the table, keep the run
+            exported = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
+    return {"reload_identical": identical, "onnx_export": exported}
+
+
+def run_l0(setup: Setup, targets, epochs: float) -> list[dict]:
+    rows = []
+    for target in targets:
+        graph, _ = graphprune.run_pass(setup.base, "l0_structured", {"target": target})
+        seconds = setup.finetune(graph, epochs, kd_hidden_weight=1.0)
+        trained = graph.meta["gates"]["trained"]
+        committed, info = graphprune.run_pass(graph, "commit_gates")
+        row = {"method": "l0_structured (CoFi)", "point": f"target {target}", "epochs": epochs, "train_seconds": round(seconds),
+               "expected_fraction": round(trained["expected_fraction"], 3), "hidden_removed": info["hidden_removed"]}
+        layers = committed.summary().rows[1:-2]  # between the embeddings row and the head and total rows
+        row["heads_per_layer"], row["ffn_width_per_layer"] = [r["heads"] for r in layers], [r["ffn_width"] for r in layers]
+        rows.append(measure(setup, committed, row))
+    return rows
+
+
+def run_kprune(setup: Setup, l0_rows: list[dict], epochs: float) -> list[dict]:
+    rows = []
+    for l0 in l0_rows:
+        keep = max(0.05, l0["flops_ratio"])
+        pruned, info = graphprune.run_pass(setup.base, "structured_search", {"method": "kprune", "flops": keep, "progress": False}, data=setup.calibration)
+        seconds = setup.finetune(pruned, epochs)
+        rows.append(measure(setup, pruned, {"method": "kprune + recovery", "point": f"flops {keep:.3f}", "epochs": epochs, "train_seconds": round(seconds)}))
+    return rows
+
+
+def run_factorize(setup: Setup, epochs: float) -> list[dict]:
+    graph, _ = graphprune.run_pass(setup.base, "factorize", {"target": 0.5})
+    seconds = setup.finetune(graph, epochs)
+    committed, info = graphprune.run_pass(graph, "commit_gates")
+    return [measure(setup, committed, {"method": "factorize (FLOP)", "point": "params 0.5", "epochs": epochs, "train_seconds": round(seconds),
+                                       "merged_back": len(info.get("merged", []))})]
+
+
+def run_layerdrop(setup: Setup, epochs: float) -> list[dict]:
+    rows = []
+    graph = setup.base.copy()
+    seconds = setup.finetune(graph, epochs, layerdrop=0.5)
+    shallow, _ = graphprune.run_pass(graph, "remove_layers", {"schedule": "every_other"})
+    rows.append(measure(setup, shallow, {"method": "layerdrop 0.5 + every other", "point": "3 of 6 layers", "epochs": epochs, "train_seconds": round(seconds)}))
+    plain, _ = graphprune.run_pass(setup.base, "remove_layers", {"schedule": "every_other"})
+    seconds = setup.finetune(plain, epochs)
+    rows.append(measure(setup, plain, {"method": "every other + finetune", "point": "3 of 6 layers", "epochs": epochs, "train_seconds": round(seconds)}))
+    return rows
+
+
+def run_rpp(setup: Setup, epochs: float, sparsity: float = 0.7) -> list[dict]:
+    rows = []
+    graph = setup.base.copy()
+    # penalty 32: more of the weights reach zero within the budget than the default 8 gets (26% in 300 steps)
+    seconds = setup.finetune(graph, epochs, rpp={"penalty": 32.0, "sparsity": sparsity})
+    committed, _ = graphprune.run_pass(graph, "commit_masks")
+    rows.append(measure(setup, committed, {"method": "rpp", "point": f"sparsity {sparsity}", "epochs": epochs, "train_seconds": round(seconds),
+                                           "zeros_before_masks": graph.meta.get("rpp", {}).get("zeros_before_masks")}))
+    graph = setup.base.copy()
+    steps = max(2, round(epochs * len(setup.train) / 32))
+    schedule = GradualPruning("prune_weight", 0.0, sparsity, start_step=0, end_step=max(1, int(0.7 * steps)), every=max(1, steps // 20), config={"method": "movement"})
+    seconds = setup.finetune(graph, epochs, callbacks=[schedule])
+    committed, _ = graphprune.run_pass(graph, "commit_masks")
+    rows.append(measure(setup, committed, {"method": "movement", "point": f"sparsity {sparsity}", "epochs": epochs, "train_seconds": round(seconds)}))
+    graph, _ = graphprune.run_pass(setup.base, "prune_weight", {"method": "sparsegpt", "sparsity": sparsity}, data=setup.calibration)
+    seconds = setup.finetune(graph, epochs)
+    committed, _ = graphprune.run_pass(graph, "commit_masks")
+    rows.append(measure(setup, committed, {"method": "sparsegpt + recovery", "point": f"sparsity {sparsity}", "epochs": epochs, "train_seconds": round(seconds)}))
+    return rows
+
+
+def run_quant_noise(setup: Setup, epochs: float) -> list[dict]:
+    rows = []
+    config = {"by": "type", "default": {"config": {"name": None}},
+              "linear": {"config": {"name": "integer", "weight_width": 4, "weight_frac_width": "auto", "weight_per_channel": True}}}
+    for label, options in (("qat 4-bit + quant_noise 0.1", {"quant_noise": 0.1}), ("qat 4-bit", {})):
+        graph, _ = graphprune.run_pass(setup.base, "quantize", config, data=setup.calibration)
+        seconds = setup.finetune(graph, epochs, **options)
+        row = {"method": label, "point": "w4 linears", "epochs": epochs, "train_seconds": round(seconds)}
+        row["accuracy_validation"] = setup.accuracy(graph, setup.validation)
+        row["accuracy"] = setup.accuracy(graph, setup.test)
+        row["drop_points"] = round((setup.dense["test"] - row["accuracy"]) * 100, 2)
+        log(f"  {label:<24} acc {row['accuracy']:.4f} (val {row['accuracy_validation']:.4f}) train {seconds:.0f} s")
+        rows.append(row)
+    return rows
+
+
+def plot(rows: list[dict], dense: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows if r.get("speedup_b8")):
+        points = sorted((r["speedup_b8"], r["accuracy"]) for r in rows if r["method"] == method and r.get("speedup_b8"))
+        ax.plot(*zip(*points), marker="o", label=method)
+    ax.axhline(dense, color="black", linewidth=1, linestyle=":", label="dense")
+    ax.set_xlabel("measured speed-up vs dense (CPU, eager, batch 8 x 128 tokens)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Compression learned during fine-tuning, MiniLM (Rotten Tomatoes)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def check_targets(rows: list[dict], dense: float) -> dict:
+    l0 = [r for r in rows if r["method"].startswith("l0_structured")]
+    kprune = [r for r in rows if r["method"] == "kprune + recovery"]
+
+    def best_speedup(points: float) -> float:
+        return max((r["speedup_b8"] for r in l0 if r["drop_points"] <= points), default=0.0)
+
+    fast = [(a, k) for a, k in zip(l0, kprune) if a["speedup_b8"] >= 2.5]
+    rpp = [r for r in rows if r["method"] == "rpp"]
+    committed = [r for r in rows if "reload_identical" in r]
+    return {
+        "l0_speedup_within_1pt": {"value": round(best_speedup(1.0), 3), "target": 3.0},
+        "l0_speedup_within_2pt": {"value": round(best_speedup(2.0), 3), "target": 4.0},
+        "l0_beats_kprune_at_2.5x_or_more": {"value": f"{sum(a['accuracy'] > k['accuracy'] for a, k in fast)} of {len(fast)}",
+                                            "met": bool(fast) and all(a["accuracy"] > k["accuracy"] for a, k in fast)},
+        "rpp_70pct_drop_points": {"value": rpp[0]["drop_points"] if rpp else None, "target": 1.0, "lower_is_better": True},
+        "committed_graphs_reload_and_export": {"value": f"{sum(r['reload_identical'] and r['onnx_export'] == 'ok' for r in committed)} of {len(committed)}",
+                                               "met": all(r["reload_identical"] and r["onnx_export"] == "ok" for r in committed)},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} (kprune needs l0)")
+    parser.add_argument("--targets", type=float, nargs="+", default=list(L0_TARGETS), help="l0_structured FLOPs targets (share removed)")
+    parser.add_argument("--epochs", type=float, default=None, help="training budget of the l0 and kprune points, in epochs (default 2)")
+    parser.add_argument("--other-epochs", type=float, default=None, help="training budget of the other methods' points, in epochs (default 1)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run on 256 training snippets; its numbers are not the benchmark's")
+    args = parser.parse_args()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown or ("kprune" in methods and "l0" not in methods):
+        parser.error(f"--methods: unknown {unknown} (allowed {list(METHODS)}); kprune needs l0" if unknown else "--methods: kprune needs l0")
+    start = time.perf_counter()
+    machine = describe_machine()
+    log(machine_line(machine))
+    setup = Setup(args.quick)
+    log(f"MiniLM baseline: validation {setup.dense['validation']:.4f}, test {setup.dense['test']:.4f}; {setup.dense_params / 1e6:.2f}M params")
+    rows: list[dict] = []
+    long_budget = 2.0 if args.epochs is None else args.epochs
+    short_budget = 1.0 if args.other_epochs is None else args.other_epochs
+    if "l0" in methods:
+        l0_rows = run_l0(setup, args.targets, long_budget)
+        rows += l0_rows
+        if "kprune" in methods:
+            rows += run_kprune(setup, l0_rows, long_budget)
+    for name, run in (("factorize", run_factorize), ("layerdrop", run_layerdrop), ("rpp", run_rpp), ("quant_noise", run_quant_noise)):
+        if name in methods:
+            rows += run(setup, short_budget)
+    columns = ["method", "point", "epochs", "accuracy", "drop_points", "accuracy_validation", "params_m", "flops_ratio",
+               "speedup_b8", "speedup_b1", "speedup_b8_compiled", "train_seconds", "reload_identical", "onnx_export"]
+    log(f"\nLearned compression, MiniLM on Rotten Tomatoes test (dense {setup.dense['test']:.4f}); speed-ups vs dense on this CPU, "
+        "eager b8x128 / b1x64 and compiled b8x128; training distilled from the dense graph")
+    log(table(rows, columns, digits=3))
+    targets = check_targets(rows, setup.dense["test"])
+    log("\nTargets")
+    for name, t in targets.items():
+        if "met" not in t:
+            t["met"] = t["value"] is not None and (t["value"] <= t["target"] if t.get("lower_is_better") else t["value"] >= t["target"])
+        bound = f" ({'<=' if t.get('lower_is_better') else '>='} {t['target']})" if "target" in t else ""
+        log(f"  {name}: {t['value']}{bound} {'met' if t['met'] else 'NOT met'}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else "" if set(methods) == set(METHODS) else "_" + "_".join(methods)
+    plot(rows, setup.dense["test"], RESULTS / f"learned{suffix}.png")
+    results = {"machine": machine, "dense": setup.dense, "methods": methods, "rows": rows, "targets": targets,
+               "seconds": round(time.perf_counter() - start, 1)}
+    path = RESULTS / f"learned{suffix}.json"
+    write_json(path, results)
+    log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
