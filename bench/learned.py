@@ -189,9 +189,11 @@ def run_rpp(setup: Setup, epochs: float, sparsity: float = 0.7) -> list[dict]:
 def run_quant_noise(setup: Setup, epochs: float) -> list[dict]:
     rows = []
     config = {"by": "type", "default": {"config": {"name": None}},
-              "linear": {"config": {"name": "integer", "weight_width": 4, "weight_frac_width": "auto", "weight_per_channel": True}}}
+              "linear": {"config": {"name": "integer", "data_in_width": 16, "data_in_frac_width": 8,  # activations near float: the weights are the question
+                                    "weight_width": 4, "weight_frac_width": "auto", "weight_per_channel": True,
+                                    "bias_width": 16, "bias_frac_width": "auto"}}}
     for label, options in (("qat 4-bit + quant_noise 0.1", {"quant_noise": 0.1}), ("qat 4-bit", {})):
-        graph, _ = graphprune.run_pass(setup.base, "quantize", config, data=setup.calibration)
+        graph, _ = graphprune.run_pass(setup.base, "quantize", config)
         seconds = setup.finetune(graph, epochs, **options)
         row = {"method": label, "point": "w4 linears", "epochs": epochs, "train_seconds": round(seconds)}
         row["accuracy_validation"] = setup.accuracy(graph, setup.validation)

@@ -10,6 +10,7 @@ from torch import fx, nn
 
 import graphprune
 from graphprune.infra.config import check_range
+from graphprune.ir.gates import HardConcreteGate
 from graphprune.ir.metadata import COMMON, common, evaluate, key
 from graphprune.ir.modules import AttentionCore
 from graphprune.ir.shapes import dim_names, shape_list, size_expr
@@ -66,7 +67,8 @@ def node_flops(node: fx.Node, module: nn.Module | None, names) -> sympy.Expr:
 
 
 def _params(module: nn.Module | None) -> list[nn.Parameter]:
-    return list(module.parameters()) if module is not None else []
+    # a gate's log_alpha is training state, not part of the model that commit_gates leaves
+    return list(module.parameters()) if module is not None and not isinstance(module, HardConcreteGate) else []
 
 
 def _tensor_info(val, names):
