@@ -42,8 +42,8 @@ def main(quick: bool) -> None:
     test = splits["test"].subset(32) if quick else splits["test"]
     dense, tokenizer = baseline_or_pretrained(quick)
     steps = 2 if quick else 160  # half an epoch of the 10k snippets at batch 32
-    texts = [test.texts[i] for i in range(8)]
-    batch = dict(tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
+    texts = [test.texts[i] for i in range(2 if quick else 8)]
+    batch = dict(tokenizer(texts, padding="max_length", truncation=True, max_length=16 if quick else 128, return_tensors="pt"))
 
     def accuracy(g) -> float:
         return graphprune.evaluate(g, test, tokenizer, progress=False)["accuracy"]

@@ -236,7 +236,7 @@ def test_forward_is_the_deterministic_gate_in_eval_and_a_sample_in_training():
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_open_gates_compute_the_dense_graph(name):
-    model, dense, graph, info = gated(name)
+    model, dense, graph, info = gated(name, init=10.0)  # open: evaluation value sigmoid(12) = 1 in float32
     record = graph.meta[GATES]
     assert info["gates"] == len(gate_modules(graph)) == 1 + 4 * 2
     assert info["units"] == ["heads", "attention", "neurons", "ffn", "hidden"]
@@ -331,7 +331,7 @@ def test_commit_of_a_subset_of_units(units):
 
 
 def test_all_open_gates_commit_to_the_dense_shapes():
-    model, dense, graph, _ = gated()
+    model, dense, graph, _ = gated(init=10.0)
     committed, info = graphprune.run_pass(graph, "commit_gates")
     assert info["heads_removed"] == {} and info["neurons_removed"] == {} and info["hidden_removed"] == 0
     assert_shapes("BertForSequenceClassification", committed, [(list(range(HEADS)), list(range(WIDTH)))] * 2, list(range(HIDDEN)))
