@@ -153,3 +153,20 @@ def sentiment_data(n: int = 64, seed: int = 0, name: str = "toy"):
         labels.append(label)
         groups.append(f"movie{i % 7}")
     return TextDataset(texts, labels, ("neg", "pos"), groups, name)
+
+
+def make_biased(name="BertForSequenceClassification"):
+    """``make_model`` with random Linear biases and LayerNorm affines: HF initialises them to 0 and 1, which would
+    hide a bias left unfolded or unsliced."""
+    from torch import nn
+
+    model = make_model(name)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                module.bias.copy_(0.1 * torch.randn_like(module.bias))
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
+                module.bias.copy_(0.1 * torch.randn_like(module.bias))
+    return model

@@ -10,7 +10,7 @@ from torch import nn
 
 import graphprune
 from graphprune.ir.gates import GATES, HardConcreteGate, gate_method, gate_modules
-from tests.models import TINY, make_model, max_diff, padded_inputs, trace_once
+from tests.models import TINY, make_biased, make_model, max_diff, padded_inputs, trace_once
 
 T = 2 / 3  # the default temperature
 CLOSED, OPEN, SOFT, HALF = -10.0, 10.0, 3.0, 1.0  # SOFT and HALF stay open at evaluation with soft values < 1
@@ -30,21 +30,6 @@ FAMILIES = {
     "RobertaForSequenceClassification": ("roberta.encoder.layer.{}.", BERT_LAYER, ["classifier.dense"]),
     "BertModel": ("encoder.layer.{}.", BERT_LAYER, ["pooler.dense"]),
 }
-
-
-def make_biased(name="BertForSequenceClassification"):
-    """``make_model`` with random Linear biases and LayerNorm affines: HF initialises them to 0 and 1, which would
-    hide a bias left unfolded or unsliced."""
-    model = make_model(name)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.copy_(0.1 * torch.randn_like(module.bias))
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
-                module.bias.copy_(0.1 * torch.randn_like(module.bias))
-    return model
 
 
 def gated(name="BertForSequenceClassification", **config):

@@ -9,7 +9,7 @@ from torch import nn
 import graphprune
 from graphprune.ir.gates import GATES
 from passes.structured.hidden import GatedLayerNorm
-from tests.models import make_model, max_diff, padded_inputs, trace_once
+from tests.models import make_biased, make_model, max_diff, padded_inputs, trace_once
 
 HIDDEN = 32
 SIZES = [(3, 11), (1, 5)]
@@ -28,21 +28,6 @@ FAMILIES = {
     ),
 }
 DIMS = [0, 5, 6, 17, 31]
-
-
-def make_biased(name="BertForSequenceClassification"):
-    """``make_model`` with random Linear biases and LayerNorm affines: HF initialises them to 0 and 1, which would
-    hide a bias left unfolded or unsliced."""
-    model = make_model(name)
-    torch.manual_seed(5)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.copy_(0.1 * torch.randn_like(module.bias))
-            elif isinstance(module, nn.LayerNorm):
-                module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
-                module.bias.copy_(0.1 * torch.randn_like(module.bias))
-    return model
 
 
 def outputs(graph, inputs):
