@@ -190,6 +190,7 @@ def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config,
     ]
     if scores:  # learned pruning scores: their own learning rate, no decay
         groups.append({"params": scores, "weight_decay": 0.0, "lr": config.score_learning_rate})
+    gate_group = len(groups) if gates else None
     if gates:  # hard-concrete gates (l0_structured, factorize): their own learning rate, no decay
         groups.append({"params": gates, "weight_decay": 0.0, "lr": config.gate_learning_rate})
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
@@ -203,7 +204,7 @@ def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config,
     # gates keep a constant rate (as CoFi's own optimizer for them): the size target must still be
     # reachable in the last steps, when the weights' rate has decayed to nothing
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, [(lambda step: 1.0) if any(p is q for p in group["params"] for q in gates[:1]) else warmup_then_decay for group in optimizer.param_groups]
+        optimizer, [(lambda step: 1.0) if i == gate_group else warmup_then_decay for i in range(len(optimizer.param_groups))]
     )
     # The loader is not prepared: every process reads the same global batches and takes its
     # own slice (accelerate's sharding would give each process whole batches, or pad the last).

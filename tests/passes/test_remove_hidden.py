@@ -87,6 +87,15 @@ def assert_shapes(name, dense, pruned, kept):
             assert (after[key].in_features, after[key].out_features) == (old.in_features, old.out_features), key
 
 
+def assert_equals_hidden_gated(name, model, dense, pruned, removed, kept):
+    """The narrower graph has the kept shapes and computes what the graph gated shut on ``removed`` computes."""
+    assert_shapes(name, dense, pruned, kept)
+    oracle = hidden_gated(dense, removed)
+    for size in SIZES:
+        inputs = padded_inputs(model, *size)
+        assert_same(name, outputs(pruned, inputs), outputs(oracle, inputs), kept)
+
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_removing_explicit_dims_equals_the_hidden_gated_graph(name):
     model = make_biased(name)
@@ -95,11 +104,7 @@ def test_removing_explicit_dims_equals_the_hidden_gated_graph(name):
     pruned, info = graphprune.run_pass(dense, "remove_hidden", {"dims": DIMS})
     assert info == {"removed": DIMS, "hidden_size": HIDDEN - len(DIMS)}
     assert pruned.edits[-1] == {"pass": "remove_hidden", "removed": len(DIMS), "hidden_before": HIDDEN}
-    assert_shapes(name, dense, pruned, kept)
-    oracle = hidden_gated(dense, DIMS)
-    for size in SIZES:
-        inputs = padded_inputs(model, *size)
-        assert_same(name, outputs(pruned, inputs), outputs(oracle, inputs), kept)
+    assert_equals_hidden_gated(name, model, dense, pruned, DIMS, kept)
 
 
 def test_removed_dims_are_taken_as_a_set_and_the_graph_is_unchanged():
@@ -147,11 +152,7 @@ def test_the_l1_criterion_removes_the_lowest_l1_dims(name, fraction):
     pruned, info = graphprune.run_pass(dense, "remove_hidden", {"method": "l1", "fraction": fraction})
     assert info["removed"] == expected and info["hidden_size"] == HIDDEN - count
     kept = [d for d in range(HIDDEN) if d not in expected]
-    assert_shapes(name, dense, pruned, kept)
-    oracle = hidden_gated(dense, expected)
-    for size in SIZES:
-        inputs = padded_inputs(model, *size)
-        assert_same(name, outputs(pruned, inputs), outputs(oracle, inputs), kept)
+    assert_equals_hidden_gated(name, model, dense, pruned, expected, kept)
 
 
 def test_common_metadata_is_refreshed():
