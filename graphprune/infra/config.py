@@ -15,6 +15,7 @@ its fields into that dict field (``{"by": "role", "ffn_up": {...}}``), for its
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -32,10 +33,11 @@ class ConfigError(ValueError):
 
 
 def check_range(field: str, value, low=None, high=None, *, low_open=False, high_open=False) -> None:
-    """Raise ConfigError unless ``low <= value <= high`` (ends open where asked)."""
+    """Raise ConfigError unless ``low <= value <= high`` (ends open where asked). NaN is never in range."""
+    not_a_number = isinstance(value, float) and math.isnan(value)
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)
-    if too_low or too_high:
+    if not_a_number or too_low or too_high:
         lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
         hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
         raise ConfigError(field, value, f"a number {lo}{field}{hi}".strip())

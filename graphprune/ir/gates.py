@@ -32,6 +32,10 @@ from .modules import register_module_type
 LOW, HIGH = -0.1, 1.1  # the stretch limits of Louizos et al.
 EVAL_SHARPENING = 0.8  # the authors' factor on log_alpha / T for the soft value kept at evaluation
 GATES = "gates"  # graph.meta key
+# Configs keep log_alpha and the temperature where float32 arithmetic stays finite: a gate at
+# |log_alpha| = 50 is already shut or open with probability 1 - 1e-21.
+LOG_ALPHA_LIMIT = 50.0
+TEMPERATURE_RANGE = (1e-2, 10.0)
 
 
 class HardConcreteGate(nn.Module):

@@ -26,7 +26,16 @@ from torch import fx, nn
 
 import graphprune
 from graphprune.infra.config import ConfigError, check_choice, check_range
-from graphprune.ir.gates import GATES, GateMethod, HardConcreteGate, add_gate, multiply_after, register_gate_method
+from graphprune.ir.gates import (
+    GATES,
+    LOG_ALPHA_LIMIT,
+    TEMPERATURE_RANGE,
+    GateMethod,
+    HardConcreteGate,
+    add_gate,
+    multiply_after,
+    register_gate_method,
+)
 from graphprune.ir.masks import has_uncommitted_masks
 from graphprune.ir.metadata import common
 
@@ -61,7 +70,8 @@ class FactorizeConfig:
 
     def __post_init__(self):
         check_range("target", self.target, 0, 1, low_open=True, high_open=True)
-        check_range("temperature", self.temperature, 0, low_open=True)
+        check_range("temperature", self.temperature, *TEMPERATURE_RANGE)
+        check_range("init", self.init, -LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
         if self.rank is not None:
             check_range("rank", self.rank, 1)
         if self.names is None:

@@ -30,7 +30,16 @@ import torch
 
 import graphprune
 from graphprune.infra.config import ConfigError, check_choice, check_range
-from graphprune.ir.gates import GATES, GateMethod, HardConcreteGate, add_gate, multiply_after, register_gate_method
+from graphprune.ir.gates import (
+    GATES,
+    LOG_ALPHA_LIMIT,
+    TEMPERATURE_RANGE,
+    GateMethod,
+    HardConcreteGate,
+    add_gate,
+    multiply_after,
+    register_gate_method,
+)
 
 from .blocks import attention_blocks, ffn_blocks, finish_surgery
 from .costs import head_flops, neuron_flops
@@ -68,7 +77,8 @@ class L0StructuredConfig:
         if not self.units or len(set(self.units)) != len(self.units) or any(u not in UNITS for u in self.units):
             raise ConfigError("units", list(self.units), f"a non-empty list of distinct names from {list(UNITS)}")
         check_range("seq_len", self.seq_len, 1)
-        check_range("temperature", self.temperature, 0, low_open=True)
+        check_range("temperature", self.temperature, *TEMPERATURE_RANGE)
+        check_range("init", self.init, -LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
 
 
 @graphprune.register_pass(PASS, config=L0StructuredConfig)

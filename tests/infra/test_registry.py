@@ -63,6 +63,7 @@ def test_config_from_dict_with_defaults_and_coercion():
     [
         ({"ratio": 1.0}, "ratio", "ratio < 1.0"),
         ({"ratio": "half"}, "ratio", "a number"),
+        ({"ratio": float("nan")}, "ratio", "0.0 <= ratio < 1.0"),
         ({"steps": 0}, "steps", "1 <= steps"),
         ({"steps": True}, "steps", "an integer"),
         ({"steps": 2.5}, "steps", "an integer"),

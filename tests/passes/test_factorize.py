@@ -185,6 +185,7 @@ def test_gated_graph_saves_and_reloads(tmp_path):
         ({"target": 1.0}, ["target", "1.0"]),
         ({"roles": ["querry"]}, ["roles", "querry"]),
         ({"rank": 0}, ["rank"]),
+        ({"init": float("inf")}, ["init", "inf"]),
         ({"names": "("}, ["names", "regular expression"]),
         ({"names": "no_such_linear"}, ["no Linear matches", "no_such_linear"]),
         ({"roles": ["embedding_projection"]}, ["no Linear matches", "embedding_projection", "query"]),

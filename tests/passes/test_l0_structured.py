@@ -446,6 +446,8 @@ def test_summary_shows_the_gates_while_gated_and_not_after_commit():
         ({"metric": "latency"}, ["metric", "latency"]),
         ({"seq_len": 0}, ["seq_len"]),
         ({"temperature": 0.0}, ["temperature"]),
+        ({"temperature": float("nan")}, ["temperature", "nan"]),
+        ({"init": 3.4e38}, ["init", "-50.0 <= init <= 50.0"]),
     ],
 )
 def test_bad_configs_are_clear_errors_that_leave_the_graph_untouched(config, words):
