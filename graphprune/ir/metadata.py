@@ -16,6 +16,8 @@ from torch import fx
 
 PREFIX = "graphprune."
 COMMON = "common"
+# The Linear roles ``add_common_metadata`` gives inside an encoder layer (the roles pass names them).
+ENCODER_ROLES = ("query", "key", "value", "attention_output", "ffn_up", "ffn_down")
 
 
 def key(concern: str) -> str:

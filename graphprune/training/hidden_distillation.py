@@ -96,6 +96,12 @@ class HiddenDistillation:
         if not isinstance(val, torch.Tensor):
             raise ValueError("finetune: kd_hidden_weight needs the shapes of the layer outputs (graph node metadata 'val')")
         hidden = int(val.shape[-1])
+        teacher_val = layer_spans(self.teacher, "finetune (kd_hidden_weight, teacher)")[0].output.meta.get("val")
+        if isinstance(teacher_val, torch.Tensor) and int(teacher_val.shape[-1]) != hidden:
+            raise ValueError(
+                f"finetune: kd_hidden_weight needs the student's hidden size ({hidden}) to equal the teacher's "
+                f"({int(teacher_val.shape[-1])}); after remove_hidden distil the logits only (kd_hidden_weight = 0)"
+            )
         self.transform = nn.Linear(hidden, hidden, device=graph.device)
         with torch.no_grad():
             self.transform.weight.copy_(torch.eye(hidden))

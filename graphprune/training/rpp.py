@@ -50,9 +50,8 @@ from torch import nn
 
 from ..infra.pipeline import run_pass
 from ..ir.masks import mask_of, pruning_hooks, set_mask, unmasked_weight
-from ..ir.metadata import common
+from ..ir.metadata import ENCODER_ROLES, common
 
-ENCODER_ROLES = ("query", "key", "value", "attention_output", "ffn_up", "ffn_down")
 # every role the metadata gives a Linear node (passes/analysis/roles.py, which we may not import)
 LINEAR_ROLES = ENCODER_ROLES + ("embedding_projection", "pooler", "classifier", "other")
 

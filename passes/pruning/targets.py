@@ -21,11 +21,10 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from graphprune.infra.config import ConfigError, build_table, check_choice
-from graphprune.ir.metadata import common
+from graphprune.ir.metadata import ENCODER_ROLES, common
 
 from ..analysis.init_metadata import init_node_metadata
 
-ENCODER_ROLES = ("query", "key", "value", "attention_output", "ffn_up", "ffn_down")
 SELECTABLE_ROLES = ENCODER_ROLES + ("pooler", "classifier", "embedding_projection")
 BY = ("role", "type", "name")
 SHORTHAND = ("sparsity", "method", "scope", "granularity")

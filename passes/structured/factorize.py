@@ -37,7 +37,7 @@ from graphprune.ir.gates import (
     register_gate_method,
 )
 from graphprune.ir.masks import has_uncommitted_masks
-from graphprune.ir.metadata import common
+from graphprune.ir.metadata import ENCODER_ROLES, common
 
 from ..analysis.init_metadata import nodes_by_section
 from ..analysis.roles import _LINEAR_ROLES, layer_keys, node_role
@@ -45,7 +45,6 @@ from .blocks import finish_surgery
 from .factorize_commit import commit_factorize, new_linear
 
 PASS = "factorize"
-ENCODER_ROLES = ("query", "key", "value", "attention_output", "ffn_up", "ffn_down")
 LINEAR_ROLES = [role for role, _ in _LINEAR_ROLES] + ["other", "classifier"]
 
 

@@ -249,6 +249,15 @@ def test_finetune_with_hidden_distillation_leaves_both_graphs_as_they_were():
     assert not torch.equal(transform[0][0].detach(), torch.eye(32))
 
 
+def test_hidden_distillation_after_remove_hidden_is_a_clear_error():
+    teacher = trace_once(make_model())
+    student, _ = graphprune.run_pass(teacher, "remove_hidden", {"fraction": 0.25})
+    code = student.module.code
+    with pytest.raises(ValueError, match=r"hidden size \(24\) to equal the teacher's \(32\).*kd_hidden_weight = 0"):
+        graphprune.finetune(student, sentiment_data(16), tiny_tokenizer(), teacher=teacher, max_steps=1, kd_hidden_weight=1.0, **SMALL)
+    assert student.module.code == code and taps(student) == ([], []) and taps(teacher) == ([], [])
+
+
 @pytest.mark.parametrize("layer_map", [[0, 2], [0], [0, 1, 1]])
 def test_a_bad_layer_map_is_a_clear_error_that_leaves_both_graphs_untouched(layer_map):
     student, teacher = trace_once(make_model(seed=0)), trace_once(make_model(seed=1))
