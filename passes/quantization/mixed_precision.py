@@ -8,7 +8,7 @@ width over the measured Linears (weighted by their weight counts) is at most
 
     sum_g  s_g * ||Q_b(W_g) - W_g||^2
 
-with ``s_g`` the group's trace per parameter (``criterion = "trace"``, HAWQ-v2) or its
+with ``s_g`` the magnitude of the group's trace per parameter (``criterion = "trace"``, HAWQ-v2) or its
 top eigenvalue mean + std (``"eigenvalue"``, Q-BERT's ranking, Shen et al. 2020), and
 ``Q_b`` the very quantizer ``quantize`` applies (it is run on a copy at each width to
 measure the errors). The allocation is an exact multiple-choice knapsack (dynamic
@@ -21,7 +21,8 @@ biases, so that only the weights' widths differ).
 
 Config fields:
     average_bits: the budget, average weight bits over the measured Linears (default 4).
-    widths: the allowed widths (default [2, 3, 4, 5, 6, 8]).
+    widths: the allowed widths (default [3, 4, 5, 6, 8]; 2-bit per-channel weights wreck a BERT layer
+        without retraining, so 2 is there only when asked for).
     criterion: trace (default) | eigenvalue.
     entry: the other keys of each Linear's quantize entry (default data_in_width 16, data_in_frac_width 8,
         bias_width 16, bias_frac_width auto).
@@ -54,7 +55,7 @@ NEAR_FLOAT_INPUTS = {"data_in_width": 16, "data_in_frac_width": 8, "bias_width":
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
     average_bits: float = 4.0
-    widths: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    widths: tuple[int, ...] = (3, 4, 5, 6, 8)
     criterion: str = "trace"
     entry: dict = field(default_factory=lambda: dict(NEAR_FLOAT_INPUTS))
 
@@ -129,7 +130,9 @@ def mixed_precision(graph, config: MixedPrecisionConfig):
         quantized = {w: _quantized_weights(graph, linears, config, w) for w in config.widths}
     errors, sizes = [], []
     for g in groups:
-        scale = g["trace_per_param"] if config.criterion == "trace" else g["sensitivity"]
+        # magnitudes: at a fine-tuned minimum the curvature is positive, but a short power iteration or a
+        # few Hutchinson probes can come out negative, and a negative weight would reward the error
+        scale = abs(g["trace_per_param"] if config.criterion == "trace" else g["sensitivity"])
         errors.append({w: scale * sum(float((quantized[w][n] - originals[n]).double().pow(2).sum()) for n in g["linears"])
                        for w in config.widths})
         sizes.append(sum(originals[n].numel() for n in dict.fromkeys(g["linears"])))

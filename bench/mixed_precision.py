@@ -1,0 +1,106 @@
+"""Hessian mixed precision against uniform widths at the same average weight bits, MiniLM baseline.
+
+On the cached fine-tuned baseline: ``hessian_sensitivity`` on calibration snippets of
+the training split (top eigenvalue over subsets, Q-BERT; Hutchinson trace, HAWQ-v2),
+then, at each average weight width (4 and 6 by default), the encoder Linears' weights
+quantized (integer, power-of-two per-channel scales; inputs on a near-float 16-bit grid
+so that only the weights differ):
+
+- ``uniform``: every Linear at that width;
+- ``mixed (trace)`` and ``mixed (eigenvalue)``: ``mixed_precision`` widths from
+  {3, 4, 5, 6, 8} per group under the same average.
+
+Accuracy after PTQ, and after the same short distilled QAT (``--qat-steps``, 0 skips
+it), on the validation and test splits. Prints the table, the target (mixed at 4 bits
+more accurate than uniform 4-bit after PTQ), writes ``bench/results/mixed_precision.json``.
+
+Run: ``python bench/mixed_precision.py [--granularity layer|linear] [--bits 4 6] [--qat-steps 100] [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import graphprune
+from graphprune.training.baseline import load_baseline
+from graphprune.training.calibration import CalibrationData
+from graphprune.training.data import load_rotten_tomatoes
+from graphprune.training.models import load_tokenizer
+from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--granularity", choices=("layer", "linear"), default="layer")
+    parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 6.0], help="average weight widths compared")
+    parser.add_argument("--qat-steps", type=int, default=100, help="distilled QAT steps after PTQ (0: PTQ only)")
+    parser.add_argument("--num-samples", type=int, default=96, help="calibration snippets for the Hessian")
+    parser.add_argument("--quick", action="store_true", help="a smoke run on small splits; its numbers are not the benchmark's")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    machine = describe_machine()
+    log(machine_line(machine))
+    base, tokenizer = load_baseline(), load_tokenizer("minilm")
+    splits = load_rotten_tomatoes()
+    validation = splits["validation"].subset(128) if args.quick else splits["validation"]
+    test = splits["test"].subset(128) if args.quick else splits["test"]
+
+    def accuracy(graph, data) -> float:
+        return graphprune.evaluate(graph, data, tokenizer, progress=False)["accuracy"]
+
+    dense = {"validation": accuracy(base, validation), "test": accuracy(base, test)}
+    log(f"MiniLM baseline: validation {dense['validation']:.4f}, test {dense['test']:.4f}")
+    calibration = CalibrationData(splits["train"], tokenizer, batch_size=32)
+    began = time.perf_counter()
+    measured, info = graphprune.run_pass(base, "hessian_sensitivity", {
+        "granularity": args.granularity, "num_samples": 32 if args.quick else args.num_samples, "subsets": 1 if args.quick else 3,
+        "iterations": 3 if args.quick else 20, "tolerance": 1e-2, "trace_samples": 1 if args.quick else 8}, data=calibration)
+    sensitivity_seconds = time.perf_counter() - began
+    log(info["table"])
+    log(f"hessian_sensitivity: {sensitivity_seconds:.0f} s")
+
+    rows = []
+    for bits in args.bits:
+        variants = [("uniform", {"widths": [int(bits)], "criterion": "eigenvalue"})] if bits == int(bits) else []
+        variants += [("mixed (trace)", {"criterion": "trace"}), ("mixed (eigenvalue)", {"criterion": "eigenvalue"})]
+        for label, options in variants:
+            quantized, q = graphprune.run_pass(measured, "mixed_precision", {"average_bits": bits, **options})
+            row = {"average_bits": bits, "method": label, "bits_used": round(q["average_bits"], 3),
+                   "widths": list(q["widths"].values()) if args.granularity == "layer" else sorted(set(q["widths"].values())),
+                   "ptq_validation": accuracy(quantized, validation), "ptq_test": accuracy(quantized, test)}
+            if args.qat_steps:
+                graphprune.finetune(quantized, splits["train"], tokenizer, teacher=base, max_steps=4 if args.quick else args.qat_steps,
+                                    progress=False)
+                row["qat_validation"], row["qat_test"] = accuracy(quantized, validation), accuracy(quantized, test)
+            log(f"  {bits:g} bits {label:<20} PTQ test {row['ptq_test']:.4f}" + (f", QAT test {row['qat_test']:.4f}" if args.qat_steps else ""))
+            rows.append(row)
+    columns = ["average_bits", "method", "bits_used", "widths", "ptq_validation", "ptq_test"] + (["qat_validation", "qat_test"] if args.qat_steps else [])
+    log(f"\nWeight widths, MiniLM on Rotten Tomatoes (dense test {dense['test']:.4f}); sensitivity per {args.granularity}")
+    log(table(rows, columns, digits=4))
+    uniform4 = next((r for r in rows if r["average_bits"] == 4 and r["method"] == "uniform"), None)
+    mixed4 = [r for r in rows if r["average_bits"] == 4 and r["method"].startswith("mixed")]
+    target = None
+    if uniform4 and mixed4:
+        best = max(mixed4, key=lambda r: r["ptq_validation"])  # the criterion chosen on the validation split
+        target = {"mixed_4bit_ptq_test": best["ptq_test"], "criterion": best["method"], "uniform_4bit_ptq_test": uniform4["ptq_test"],
+                  "met": best["ptq_test"] > uniform4["ptq_test"]}
+        log(f"\nTarget: mixed precision at 4 average bits more accurate than uniform 4-bit after PTQ: {best['method']} "
+            f"{best['ptq_test']:.4f} vs {uniform4['ptq_test']:.4f}: {'met' if target['met'] else 'NOT met'}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"mixed_precision{'_quick' if args.quick else ''}{'' if args.granularity == 'layer' else '_linear'}.json"
+    write_json(path, {"machine": machine, "dense": dense, "granularity": args.granularity, "sensitivity": measured.meta["sensitivity"],
+                      "sensitivity_seconds": round(sensitivity_seconds, 1), "rows": rows, "target": target,
+                      "seconds": round(time.perf_counter() - start, 1)})
+    log(f"wrote {path} ({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
