@@ -10,6 +10,7 @@ import networkx as nx
 import torch
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.nn.utils import parametrize
 from torch.utils import _pytree as pytree
 
 from .checkpoint import read_checkpoint, write_checkpoint
@@ -138,6 +139,7 @@ class Graph:
                 memo[id(tensor)] = tensor
         memo.update(masked_tensor_copies(self.module))
         module = quiet_deepcopy(self.module, memo)
+        _own_parametrized_classes(module)
         # fx copies node.meta shallowly; our namespaces must not be shared.
         old_nodes = {n.name: n for n in self.module.graph.nodes}
         for node in module.graph.nodes:
@@ -230,3 +232,18 @@ def load(path, device=None) -> Graph:
     """
     graph = Graph(**read_checkpoint(path))
     return graph if device is None else graph.to(device)
+
+
+def _own_parametrized_classes(module: nn.Module) -> None:
+    """Give each parametrized module of a deep copy its own class.
+
+    torch.nn.utils.parametrize keeps a module's parametrized tensors as properties of a
+    class made for that module, and a deep copy shares the class: a parametrization then
+    added to the copy (quantize after prune_weight's masks) would appear on the original,
+    which has no such parametrization and fails on its next call.
+    """
+    for sub in module.modules():
+        if parametrize.is_parametrized(sub):
+            cls = sub.__class__
+            body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+            sub.__class__ = type(cls.__name__, cls.__bases__, body)

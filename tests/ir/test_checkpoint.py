@@ -283,3 +283,18 @@ def test_unsaveable_module_is_reported_before_writing(tmp_path):
     with pytest.raises(graphprune.CheckpointError, match="Custom.*register_module_type"):
         graph.save(tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_pass_on_a_masked_graph_leaves_it_runnable_and_unchanged():
+    """parametrize shares a module's class between deep copies: quantize's bias parametrization on the copy
+    must not reach the masked original (it did, as a KeyError 'bias' on the original's next call)."""
+    graph, _ = graphprune.run_pass(trace_once(make_model()), "prune_weight", {"method": "l1", "sparsity": 0.5})
+    inputs = padded_inputs(make_model(), 2, 8)
+    with torch.no_grad():
+        before = graph.module.eval()(**inputs)["logits"]
+    entry = {"config": {"name": "integer", "data_in_width": 8, "data_in_frac_width": 4, "weight_width": 4, "weight_frac_width": 4,
+                        "bias_width": 8, "bias_frac_width": 4}}
+    quantized, _ = graphprune.run_pass(graph, "quantize", {"linear": entry})
+    with torch.no_grad():
+        assert torch.equal(graph.module(**inputs)["logits"], before)
+        assert not torch.equal(quantized.module.eval()(**inputs)["logits"], before)
