@@ -51,6 +51,7 @@ from .training.iterative import iterative_prune
 from .training.schedule import GradualPruning, cubic_sparsity
 from .ir.exporters import export_formats, register_exporter
 from .app.export import evaluate_artefact, load_artefact  # registers the built-in export formats
+from .app.search import search
 
 __version__ = "0.1.0"
 
@@ -78,6 +79,7 @@ __all__ = [
     "evaluate_artefact",
     "export_formats",
     "finetune",
+    "search",
     "get_pass",
     "iterative_prune",
     "list_passes",

@@ -181,6 +181,14 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_search(args) -> int:
+    from .search import search
+
+    search(args.job, storage=args.storage, workers=args.workers, trials=args.trials, report_front=not args.worker_only,
+           progress=not args.no_progress, worker_index=args.worker_index)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -218,6 +226,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a TOML pipeline file")
     run.add_argument("pipeline")
     run.set_defaults(fn=_cmd_run)
+    search = sub.add_parser("search", help="search pass pipelines with Optuna (a TOML search job)")
+    search.add_argument("job")
+    search.add_argument("--storage", default=None, help="an Optuna RDB URL shared by workers on several machines (default: <job>.journal)")
+    search.add_argument("--workers", type=int, default=1, help="worker processes to start here (default 1)")
+    search.add_argument("--trials", type=int, default=None, help="completed trials to reach (default: the job's [search] trials)")
+    search.add_argument("--worker-only", action="store_true", help="run trials only; leave the report to another process")
+    search.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    search.add_argument("--no-progress", action="store_true", help="no progress bar")
+    search.set_defaults(fn=_cmd_search)
     demo = sub.add_parser("demo", help="the main job on the shipped model and data")
     demo.add_argument("--cache", default=None, help="cache folder for the baseline (default $GRAPHPRUNE_CACHE or ~/.cache/graphprune)")
     demo.add_argument("--recovery-steps", type=int, default=60)
@@ -233,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    for name in ("limit", "batch_size", "max_length", "seq_len", "recovery_steps", "eval_limit", "num_samples"):
+    for name in ("limit", "batch_size", "max_length", "seq_len", "recovery_steps", "eval_limit", "num_samples", "workers", "trials"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
             return _fail(f"--{name.replace('_', '-')} must be at least 1, got {value}")

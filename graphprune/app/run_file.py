@@ -20,8 +20,9 @@
     steps = 3
     config = { method = "l1" }   # the pass's other fields
 
-    [finetune]                   # optional: any graphprune.finetune option, plus distill;
-    max_steps = 100              # with [iterative], the fine-tune of every step
+    [finetune]                   # optional: any graphprune.finetune option, plus distill; after
+    max_steps = 100              # the passes but before a `lower` (lowered graphs are inference-only);
+                                 # with [iterative], the fine-tune of every step
     distill = true               # the uncompressed graph is the teacher
 
     [output]
@@ -200,8 +201,12 @@ def run_file(path, *, log=print) -> Summary:
 
     rows = [stage_row("input model", dense, dense, data, tokenizer, inputs, max_length=max_length)]
     calibration = CalibrationData(splits["train"], tokenizer, max_length=max_length)
-    graph, _ = run_pipeline(dense, job["steps"], data=calibration) if job["steps"] else (dense, [])
-    if job["steps"]:
+    steps, lowering = job["steps"], []
+    if job["finetune"] is not None and job["iterative"] is None:  # a lowered graph is inference-only: fine-tune before lower
+        cut = next((i for i, (name, _) in enumerate(steps) if name == "lower"), len(steps))
+        steps, lowering = steps[:cut], steps[cut:]
+    graph, _ = run_pipeline(dense, steps, data=calibration) if steps else (dense, [])
+    if steps:
         rows.append(stage_row("after passes", graph, dense, data, tokenizer, inputs, max_length=max_length))
     teacher = dense if job["distill"] else None
     options = {"max_length": max_length, **(job["finetune"] or {})}
@@ -218,6 +223,9 @@ def run_file(path, *, log=print) -> Summary:
         graph = graph.copy() if graph is dense else graph
         finetune(graph, splits["train"], tokenizer, teacher=teacher, **options)
         rows.append(stage_row("after fine-tune", graph, dense, data, tokenizer, inputs, max_length=max_length))
+        if lowering:
+            graph, _ = run_pipeline(graph, lowering, data=calibration)
+            rows.append(stage_row("after lower", graph, dense, data, tokenizer, inputs, max_length=max_length))
     if job["output"]:
         if any(has_uncommitted_masks(m) for m in graph.module.modules()):
             graph, _ = run_pass(graph, "commit_masks", inplace=True)

@@ -231,3 +231,35 @@ def test_bad_export_arguments(tiny_checkpoint, tmp_path, extra, message, capsys)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err
     assert not (tmp_path / "x").exists()
+
+
+@needs_rt
+def test_run_file_fine_tunes_before_lower(tiny_checkpoint, tmp_path, capsys):
+    """A lowered graph is inference-only: [finetune] runs after the passes before the first lower, then lower."""
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+[model]
+checkpoint = "{tiny_checkpoint}"
+
+[data]
+name = "rotten_tomatoes"
+eval_limit = 8
+
+[[passes]]
+name = "prune_weight"
+method = "l1"
+sparsity = 0.5
+
+[[passes]]
+name = "lower"
+compile = false
+num_samples = 8
+
+[finetune]
+max_steps = 1
+batch_size = 4
+progress = false
+""")
+    assert main(["run", str(job)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("after fine-tune") < out.index("after lower")

@@ -1,0 +1,146 @@
+"""What a search leaves: the Pareto front (validation, then re-run and scored on the test split), its run files,
+its plot, the best trial under the constraints checkpointed, and ``search.json``.
+
+Written under the job's ``[search] output`` folder (default ``<job stem>_search`` beside it):
+``front/trial_<n>.toml`` (``graphprune run`` reproduces the member on the test split),
+``pareto.png`` (two or three objectives), ``best/`` (a graph checkpoint) and ``search.json``.
+Every file is written whole (temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from ...ir.summary import Summary
+from .job import SearchJob
+from .objectives import METRICS, measure, needs_commit
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def feasible(trial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def pareto_front(job: SearchJob, trials: list) -> list:
+    """Non-dominated completed trials, among the feasible ones when there are any."""
+    pool = [t for t in trials if feasible(t)] or trials
+    signs = [1 if METRICS[o] == "maximize" else -1 for o in job.objectives]
+
+    def key(t):
+        return [s * v for s, v in zip(signs, t.values)]
+
+    def dominates(a, b):
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    keys = {t.number: key(t) for t in pool}
+    front = [t for t in pool if not any(dominates(keys[o.number], keys[t.number]) for o in pool if o is not t)]
+    return sorted(front, key=lambda t: t.values[0], reverse=METRICS[job.objectives[0]] == "maximize")
+
+
+def best_trial(job: SearchJob, trials: list):
+    """Under the constraints, the best by the objective after accuracy (the first one if accuracy is alone)."""
+    pool = [t for t in trials if feasible(t)]
+    if not pool:
+        return None
+    others = [o for o in job.objectives if o != "accuracy"]
+    name = others[0] if others else job.objectives[0]
+    index = job.objectives.index(name)
+    sign = 1 if METRICS[name] == "maximize" else -1
+    return max(pool, key=lambda t: (sign * t.values[index], t.user_attrs["metrics"]["accuracy"]))
+
+
+def run_file_text(job: SearchJob, trial, checkpoint: Path) -> str:
+    import tomli_w
+
+    model = {k: (str(Path(job.path.parent, v).resolve()) if k == "checkpoint" else v) for k, v in job.model.items()}
+    data = {"name": job.data.get("name", "rotten_tomatoes"), "eval_split": "test", "max_length": job.data.get("max_length", 64)}
+    if "test_limit" in job.data:
+        data["eval_limit"] = job.data["test_limit"]
+    spec = {"model": model, "data": data, "passes": [{"name": n, **c} for n, c in trial.user_attrs["steps"]]}
+    if trial.user_attrs.get("finetune") is not None:
+        spec["finetune"] = {**trial.user_attrs["finetune"], "distill": job.distill}
+    spec["output"] = {"checkpoint": str(checkpoint.resolve())}
+    header = f"# search {job.study!r}, trial {trial.number}: validation {trial.user_attrs['metrics']}\n"
+    return header + tomli_w.dumps(spec)
+
+
+def _plot(job: SearchJob, study, path: Path) -> bool:
+    if len(job.objectives) not in (2, 3):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna
+
+    ax = optuna.visualization.matplotlib.plot_pareto_front(study, target_names=list(job.objectives))  # feasible ones marked
+    ax.set_title(f"search {job.study}: validation split ({len(study.trials)} trials)")
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    ax.figure.savefig(tmp, dpi=120, bbox_inches="tight")
+    os.replace(tmp, path)
+    matplotlib.pyplot.close(ax.figure)
+    return True
+
+
+def _pipeline(trial) -> str:
+    steps = " -> ".join(f"{n}({', '.join(f'{k}={v}' for k, v in c.items() if not isinstance(v, dict))})" for n, c in trial.user_attrs["steps"]) or "(no passes)"
+    options = trial.user_attrs.get("finetune")
+    return steps + (f" + finetune {options.get('max_steps', '')} steps" if options else "")
+
+
+def report(job: SearchJob, study, worker, *, log=print) -> dict:
+    """Tabulate the front, re-run its members on the test split, write the files; returns what was written and measured."""
+    import optuna
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    failed = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,))
+    out = job.output
+    front = pareto_front(job, done)
+    best = best_trial(job, done)
+    test = worker.splits["test"].subset(job.data.get("test_limit"))
+    rows, members = [], []
+    wanted = set(job.objectives) | set(job.constraints)
+    for trial in front:
+        graph = worker.build([tuple(s) for s in trial.user_attrs["steps"]], trial.user_attrs.get("finetune"))
+        again = measure(graph, worker.reference, wanted - {"accuracy"})
+        test_accuracy = worker.reference.score(graph, test)
+        run_path = out / "front" / f"trial_{trial.number}.toml"
+        _atomic_write(run_path, run_file_text(job, trial, out / "front" / f"trial_{trial.number}"))
+        row = {"trial": trial.number, "pipeline": _pipeline(trial), "feasible": feasible(trial),
+               **{f"val_{k}" if k == "accuracy" else k: round(v, 4) for k, v in trial.user_attrs["metrics"].items() if k in wanted},
+               "test_accuracy": round(test_accuracy, 4)}
+        if "latency" in again:
+            row["latency_rerun"] = round(again["latency"], 4)
+        rows.append(row)
+        members.append({**row, "run_file": str(run_path), "steps": trial.user_attrs["steps"], "finetune": trial.user_attrs.get("finetune")})
+        if best is not None and trial.number == best.number:
+            if needs_commit(graph):
+                from ...infra.pipeline import run_pass
+
+                graph, _ = run_pass(graph, "commit_masks")
+            graph.save(out / "best")
+    if best is not None and all(m["trial"] != best.number for m in members):  # best is always on the front; kept for safety
+        log(f"search: the best trial {best.number} is not on the front")
+    reference = {"validation": round(worker.reference.accuracy, 4), "test": round(worker.reference.score(worker.dense, test), 4)}
+    columns = list(rows[0]) if rows else ["trial"]
+    table = Summary(title=f"search {job.study}: Pareto front of {len(done)} completed trials ({len(failed)} failed); "
+                          f"input graph validation {reference['validation']}, test {reference['test']}", columns=columns, rows=rows, total_row=False)
+    plotted = _plot(job, study, out / "pareto.png") if done else False
+    result = {"study": job.study, "objectives": list(job.objectives), "constraints": job.constraints, "completed": len(done),
+              "failed": len(failed), "reference": reference, "front": members, "best": None if best is None else best.number,
+              "cache": {"hits": worker.cache.hits, "pass_runs": worker.cache.runs},
+              "trials": [{"number": t.number, "params": t.params, "metrics": t.user_attrs.get("metrics"), "feasible": feasible(t)} for t in done]}
+    _atomic_write(out / "search.json", json.dumps(result, indent=2, default=str))
+    log(str(table))
+    log(f"best under the constraints: {'none feasible' if best is None else f'trial {best.number}, checkpoint ' + str(out / 'best')}; "
+        f"front run files in {out / 'front'}" + (f"; plot {out / 'pareto.png'}" if plotted else ""))
+    return {**result, "table": table, "output": out}

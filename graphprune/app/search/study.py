@@ -1,0 +1,222 @@
+"""Running a search: the Optuna study and its storage, the trials of one worker, and the prefix cache.
+
+Storage: by default a journal file beside the job (``<job>.journal``, Optuna's
+``JournalStorage`` with a file backend, safe for several processes on one machine);
+``storage = URL`` (or ``--storage``) for an RDB such as PostgreSQL or MySQL, which is
+how workers on several machines share one study. A study resumes where it stopped.
+
+Each trial is claimed under a lock when the journal is local (so N workers run exactly
+``trials`` trials between them); a trial whose worker died is marked failed, never run
+twice nor counted: on one machine from its worker's pid, on an RDB from Optuna's
+heartbeats. Failed trials do not count toward ``trials``: the search runs until that
+many have completed.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import warnings
+
+from ...infra.pipeline import run_pipeline
+from ...training.calibration import CalibrationData
+from ...training.finetune import finetune
+from .job import SearchJob, sample
+from .objectives import METRICS, Reference, measure
+
+HEARTBEAT_S, GRACE_S = 10, 30  # RDB heartbeats: a trial silent for GRACE_S seconds is failed
+
+
+def optuna():
+    import optuna as module  # imported on first use: it takes a second, and only a search needs it
+
+    module.logging.set_verbosity(module.logging.WARNING)
+    warnings.filterwarnings("ignore", category=module.exceptions.ExperimentalWarning)
+    return module
+
+
+def journal_path(job: SearchJob):
+    return job.path.with_suffix(".journal")
+
+
+def open_storage(job: SearchJob, url: str | None = None):
+    op = optuna()
+    url = url or job.storage
+    if url:
+        return op.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    from optuna.storages.journal import JournalFileBackend
+
+    return op.storages.JournalStorage(JournalFileBackend(str(journal_path(job))))
+
+
+def make_sampler(job: SearchJob, worker: int = 0):
+    op = optuna()
+    seed = None if job.seed is None else job.seed + worker  # workers with one seed would draw the same trials
+    if job.sampler == "random":
+        return op.samplers.RandomSampler(seed=seed)
+    if job.sampler == "nsga2":
+        return op.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(50, job.trials // 2)))
+    return op.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, job.trials // 3)),
+                                  multivariate=True)
+
+
+def space_key(job: SearchJob) -> str:
+    """What a stored study must match to be resumed by this job."""
+    return json.dumps({"params": [[p.name, p.kind, list(p.values), p.step] for p in job.params], "objectives": list(job.objectives),
+                       "passes": [[i, n] for i, n, _, _ in job.passes]}, sort_keys=True)
+
+
+def open_study(job: SearchJob, storage, worker: int = 0):
+    op = optuna()
+    study = op.create_study(storage=storage, sampler=make_sampler(job, worker), study_name=job.study, load_if_exists=True,
+                            directions=[METRICS[o] for o in job.objectives])
+    key = study.user_attrs.get("space")
+    if key is None:
+        study.set_user_attr("space", space_key(job))
+    elif key != space_key(job):
+        raise ValueError(f"{job.path}: study {job.study!r} in this storage was searched with another space or other objectives; "
+                         "name a new study ([search] study = '...') or remove the old one")
+    return study
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_dead_trials(study) -> list[int]:
+    """Mark failed the running trials whose worker on this machine is gone (and, on an RDB, the stale ones)."""
+    op = optuna()
+    op.storages.fail_stale_trials(study)
+    host, failed = socket.gethostname(), []
+    for trial in study.get_trials(deepcopy=False, states=(op.trial.TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker", "")
+        name, _, pid = worker.rpartition(":")
+        if name == host and pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(op.exceptions.UpdateFinishedTrialError, RuntimeError):
+                study.tell(trial.number, state=op.trial.TrialState.FAIL)
+                failed.append(trial.number)
+    return failed
+
+
+@contextlib.contextmanager
+def claim_lock(job: SearchJob, storage):
+    """One claimant at a time on this machine when the study lives in the local journal."""
+    op = optuna()
+    if not isinstance(storage, op.storages.JournalStorage):
+        yield
+        return
+    with open(journal_path(job).with_suffix(".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def completed(study) -> int:
+    op = optuna()
+    return len(study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE,)))
+
+
+class PrefixCache:
+    """Graphs after each prefix of a pipeline, least recently used dropped: a trial pays only for the steps that differ."""
+
+    def __init__(self, graph, data, size: int):
+        self.graph, self.data, self.size = graph, data, size
+        self.graphs: collections.OrderedDict = collections.OrderedDict()
+        self.hits = self.runs = 0
+
+    def run(self, steps: list[tuple[str, dict]]):
+        keys = [json.dumps(steps[: i + 1], sort_keys=True, default=str) for i in range(len(steps))]
+        start, graph = 0, self.graph
+        for i in range(len(steps), 0, -1):
+            if keys[i - 1] in self.graphs:
+                start, graph = i, self.graphs[keys[i - 1]]
+                self.graphs.move_to_end(keys[i - 1])
+                self.hits += 1
+                break
+        for i in range(start, len(steps)):
+            graph, _ = run_pipeline(graph, [steps[i]], data=self.data)
+            self.runs += 1
+            if self.size:
+                self.graphs[keys[i]] = graph
+                while len(self.graphs) > self.size:
+                    self.graphs.popitem(last=False)
+        return graph
+
+
+class Worker:
+    """Runs trials of one study in this process, with the data, the reference figures and the cache loaded once."""
+
+    def __init__(self, job: SearchJob, dense, tokenizer, splits, reference: Reference):
+        self.job, self.dense, self.tokenizer, self.splits, self.reference = job, dense, tokenizer, splits, reference
+        self.max_length = job.data.get("max_length", 64)
+        calibration = CalibrationData(splits["train"], tokenizer, max_length=self.max_length)
+        self.cache = PrefixCache(dense, calibration, job.cache_size)
+        self.wanted = set(job.objectives) | set(job.constraints)
+
+    def build(self, steps: list[tuple[str, dict]], finetune_options: dict | None):
+        """The trial's graph: the passes before the first ``lower``, the fine-tune, then ``lower`` and the rest."""
+        cut = next((i for i, (name, _) in enumerate(steps) if name == "lower"), len(steps))
+        graph = self.cache.run(steps[:cut])
+        if finetune_options is not None:
+            graph = graph.copy() if graph is self.dense or any(graph is g for g in self.cache.graphs.values()) else graph
+            teacher = self.dense if self.job.distill else None
+            finetune(graph, self.splits["train"], self.tokenizer, teacher=teacher, **{"max_length": self.max_length, "progress": False, **finetune_options})
+        if cut < len(steps):
+            graph, _ = run_pipeline(graph, steps[cut:], data=self.cache.data)
+        return graph
+
+    def objective(self, trial) -> list[float]:
+        steps, options = sample(self.job, trial)
+        trial.set_user_attr("steps", [[name, config] for name, config in steps])
+        trial.set_user_attr("finetune", options)
+        graph = self.build(steps, options)
+        values = measure(graph, self.reference, self.wanted)
+        trial.set_user_attr("metrics", values)
+        for key, bound in self.job.constraints.items():  # Optuna's samplers read them: feasible when <= 0
+            trial.set_constraint(key, values[key] - bound)
+        return [values[o] for o in self.job.objectives]
+
+    def work(self, study, storage, *, progress=None, log=print) -> int:
+        """Claim and run trials until the study has ``trials`` completed or running; returns how many this worker ran."""
+        op = optuna()
+        from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize runs around each trial
+
+        ran, host = 0, socket.gethostname()
+        while True:
+            with claim_lock(self.job, storage):
+                fail_dead_trials(study)
+                busy = study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE, op.trial.TrialState.RUNNING))
+                if len(busy) >= self.job.trials:
+                    return ran
+                trial = study.ask()
+                trial.set_user_attr("worker", f"{host}:{os.getpid()}")
+            earlier = [t for t in busy if t.number < trial.number]
+            if len(earlier) >= self.job.trials:  # another machine claimed the last one meanwhile (RDB, no shared lock)
+                trial.set_user_attr("surplus", True)
+                study.tell(trial, state=op.trial.TrialState.FAIL)
+                return ran
+            with get_heartbeat_thread(trial._trial_id, storage):
+                try:
+                    values = self.objective(trial)
+                except Exception as error:  # the trial fails, the search goes on
+                    trial.set_user_attr("error", f"{type(error).__name__}: {str(error)[:300]}")
+                    study.tell(trial, state=op.trial.TrialState.FAIL)
+                    log(f"trial {trial.number} failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+                else:
+                    study.tell(trial, values)
+            ran += 1
+            if progress is not None:
+                progress.n = completed(study)
+                progress.refresh()

