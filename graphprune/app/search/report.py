@@ -19,6 +19,9 @@ from .job import SearchJob
 from .objectives import METRICS, measure, needs_commit
 
 
+HOUSEKEEPING = {"progress", "num_samples", "score_samples", "reconstruct_samples", "batch_size", "seed"}  # not shown in the table
+
+
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -92,7 +95,8 @@ def _plot(job: SearchJob, study, path: Path) -> bool:
 
 
 def _pipeline(trial) -> str:
-    steps = " -> ".join(f"{n}({', '.join(f'{k}={v}' for k, v in c.items() if not isinstance(v, dict))})" for n, c in trial.user_attrs["steps"]) or "(no passes)"
+    steps = " -> ".join(f"{n}({', '.join(f'{k}={v}' for k, v in c.items() if not isinstance(v, dict) and k not in HOUSEKEEPING)})"
+                        for n, c in trial.user_attrs["steps"]) or "(no passes)"
     options = trial.user_attrs.get("finetune")
     return steps + (f" + finetune {options.get('max_steps', '')} steps" if options else "")
 
