@@ -65,12 +65,14 @@ FIELDS = {
 MODEL_NAMES = ("minilm", "baseline")
 
 
-def _check_section(path: Path, name: str, section) -> dict:
+def _check_section(path: Path, name: str, section, allowed=None) -> dict:
+    """``section`` as a table with only the ``allowed`` fields (default: the run file's for ``name``)."""
+    allowed = FIELDS[name] if allowed is None else set(allowed)
     if not isinstance(section, dict):
         raise ValueError(f"{path}: [{name}] must be a table")
-    unknown = sorted(set(section) - FIELDS[name])
+    unknown = sorted(set(section) - allowed)
     if unknown:
-        raise ValueError(f"{path}: [{name}] has unknown field {unknown[0]!r}; allowed: {sorted(FIELDS[name])}")
+        raise ValueError(f"{path}: [{name}] has unknown field {unknown[0]!r}; allowed: {sorted(allowed)}")
     return section
 
 

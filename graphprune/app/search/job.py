@@ -47,7 +47,7 @@ from pathlib import Path
 from ...infra.pipeline import read_toml, resolve_steps
 from ...training.finetune import FinetuneConfig
 from ..run_file import FIELDS as RUN_FIELDS
-from ..run_file import MODEL_NAMES
+from ..run_file import MODEL_NAMES, _check_section
 from .objectives import CONSTRAINTS, METRICS
 
 SECTIONS = {"model", "data", "search", "passes", "finetune"}
@@ -148,15 +148,6 @@ class SearchJob:
     cache_size: int
 
 
-def _check_fields(path, section: str, table, allowed) -> dict:
-    if not isinstance(table, dict):
-        raise ValueError(f"{path}: [{section}] must be a table")
-    unknown = sorted(set(table) - set(allowed))
-    if unknown:
-        raise ValueError(f"{path}: [{section}] has unknown field {unknown[0]!r}; allowed: {sorted(allowed)}")
-    return table
-
-
 def _integer(path, where: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{path}: {where} = {value!r} is not allowed; expected an integer >= {low}")
@@ -170,14 +161,14 @@ def read_search_job(path) -> SearchJob:
     unknown = sorted(set(spec) - SECTIONS)
     if unknown:
         raise ValueError(f"{path}: unknown section [{unknown[0]}]; allowed: {sorted(SECTIONS)}")
-    model = _check_fields(path, "model", spec.get("model", {"name": "baseline"}), RUN_FIELDS["model"])
+    model = _check_section(path, "model", spec.get("model", {"name": "baseline"}), RUN_FIELDS["model"])
     if ("name" in model) == ("checkpoint" in model) or model.get("name", "baseline") not in MODEL_NAMES:
         raise ValueError(f"{path}: [model] needs exactly one of name = {' | '.join(map(repr, MODEL_NAMES))} or checkpoint = 'path'")
-    data = _check_fields(path, "data", spec.get("data", {"name": "rotten_tomatoes"}), RUN_FIELDS["data"] - {"eval_split"} | {"test_limit"})
+    data = _check_section(path, "data", spec.get("data", {"name": "rotten_tomatoes"}), RUN_FIELDS["data"] - {"eval_split"} | {"test_limit"})
     for field in ("eval_limit", "test_limit", "max_length"):
         if field in data:
             _integer(path, f"[data] {field}", data[field], 2)
-    search = _check_fields(path, "search", spec.get("search", {}), SEARCH_FIELDS)
+    search = _check_section(path, "search", spec.get("search", {}), SEARCH_FIELDS)
     params: list[Param] = []
     passes = spec.get("passes", [])
     if not isinstance(passes, list) or not passes or not all(isinstance(p, dict) for p in passes):
@@ -206,11 +197,11 @@ def read_search_job(path) -> SearchJob:
     objectives = search.get("objectives", ["accuracy", "latency"])
     if not isinstance(objectives, list) or not objectives or len(set(map(str, objectives))) != len(objectives) or not set(objectives) <= set(METRICS):
         raise ValueError(f"{path}: [search] objectives = {objectives!r} is not allowed; expected a non-empty list of distinct names from {sorted(METRICS)}")
-    constraints = _check_fields(path, "search.constraints", search.get("constraints", {}), CONSTRAINTS)
+    constraints = _check_section(path, "search.constraints", search.get("constraints", {}), CONSTRAINTS)
     for key, bound in constraints.items():
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound < 0:
             raise ValueError(f"{path}: [search.constraints] {key} = {bound!r} is not allowed; expected a number >= 0 ({CONSTRAINTS[key]})")
-    latency = {**LATENCY_FIELDS, **_check_fields(path, "search.latency", search.get("latency", {}), LATENCY_FIELDS)}
+    latency = {**LATENCY_FIELDS, **_check_section(path, "search.latency", search.get("latency", {}), LATENCY_FIELDS)}
     for key, value in latency.items():
         _integer(path, f"[search.latency] {key}", value, 1)
     sampler = search.get("sampler", "tpe")
