@@ -30,3 +30,34 @@ def module_device(module: nn.Module) -> torch.device:
     if tensor is None:
         tensor = next(module.buffers(), None)
     return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def bias_only(x: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """What a Linear with no input features computes: its bias (or zeros) at every position."""
+    if bias is None:
+        return x.new_zeros(*x.shape[:-1], out_features)
+    return bias.expand(*x.shape[:-1], out_features)
+
+
+def replace_empty_linears(gm: torch.fx.GraphModule) -> int:
+    """Replace calls of Linears with no input features (a layer whose heads were all removed keeps
+    an output projection that only adds its bias) by ``bias_only``: compilers that pre-pack
+    weights (inductor's freezing, int8 kernels) cannot take a weight with no elements.
+    Returns how many calls were replaced."""
+    replaced = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module":
+            continue
+        module = fetch_attr(gm, node.target)
+        if not isinstance(module, nn.Linear) or module.in_features != 0:
+            continue
+        with gm.graph.inserting_before(node):
+            bias = gm.graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
+            new = gm.graph.call_function(bias_only, (node.args[0], bias, module.out_features))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        replaced += 1
+    if replaced:
+        gm.graph.lint()
+        gm.recompile()
+    return replaced

@@ -88,7 +88,7 @@ import graphprune
 from graphprune.infra.config import ConfigError, check_choice, check_range
 from graphprune.ir import cpu
 from graphprune.ir.calls import install_model_call, model_call_of
-from graphprune.ir.fx_utils import fetch_attr
+from graphprune.ir.fx_utils import fetch_attr, replace_empty_linears
 from graphprune.ir.masks import commit_masks
 from graphprune.ir.metadata import our_keys
 from graphprune.ir.modules import AttentionCore
@@ -255,6 +255,7 @@ def lower(graph, config: LowerConfig, data=None):
     gm = graph.module
     committed = commit_masks(graph)
     stripped = _strip_simulation(gm)
+    replace_empty_linears(gm)
     gm.eval()
 
     example = batches[0] if batches else {"input_ids": torch.zeros(2, 8, dtype=torch.long)}

@@ -242,6 +242,21 @@ def test_structurally_pruned_graph_lowers(model):
     assert (logits(low.module, inputs) - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+@pytest.mark.parametrize("activations", ["static", "dynamic"])
+def test_a_layer_with_every_head_removed_lowers_and_compiles(model, activations):
+    """Its attention output projection has no inputs (it only adds its bias): compiled int8 and freezing
+    cannot pre-pack an empty weight, so lower replaces the call by the bias it computes."""
+    graph = trace_once(model)
+    heads = model.config.num_attention_heads
+    pruned, _ = graphprune.run_pass(graph, "remove_heads", {"heads": {0: list(range(heads))}, "min_heads": 0})
+    assert fetch_attr(pruned.module, "bert.encoder.layer.0.attention.output.dense").in_features == 0
+    low, info = lowered(pruned, compile=True, activations=activations)
+    assert info["lowered_linears"] == ENCODER_LINEARS - 4  # layer 0's q, k, v and output projection are gone
+    inputs = padded_inputs(model, 2, 10)
+    ref = logits(pruned.module, inputs)
+    assert (logits(low.module, inputs) - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 def test_simulated_quantization_is_folded_then_replaced(model):
     graph = trace_once(model)
     entry = {"name": "integer", "data_in_width": 8, "data_in_frac_width": 4, "weight_width": 8,
