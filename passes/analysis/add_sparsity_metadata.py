@@ -40,7 +40,7 @@ def record_sparsity(graph) -> dict:
         numel = unmasked_weight(module).numel()
         zeros = zero_weights(module)
         meta = node_meta(node, "sparsity")
-        meta["weight_sparsity"] = zeros / numel
+        meta["weight_sparsity"] = zeros / numel if numel else 0.0  # (empty: every head of its layer removed)
         meta["masked"] = mask_of(module) is not None
         activation = meta.get("activation", {}).get("sparsity", 0.0)
         layer = common(node).get("layer")

@@ -95,8 +95,8 @@ def select_targets(graph, by: str, default, entries: dict, *, every_call: bool =
         if node.op != "call_module" or node.target in seen:
             continue
         module = gm.get_submodule(node.target)
-        if not isinstance(module, nn.Linear):
-            continue
+        if not isinstance(module, nn.Linear) or module.weight.numel() == 0:
+            continue  # (an output projection whose heads were all removed has no weights to select)
         role = common(node).get("role")
         found, entry = _lookup(by, entries, role, node.target)
         if not found:

@@ -14,7 +14,7 @@ from graphprune.ir.masks import MovementMask, mask_of
 from graphprune.ir.metadata import common
 from graphprune.training.calibration import CalibrationData, calibration_batches
 
-from ..models import make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once
+from ..models import TINY, make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once
 
 ENCODER = ("query", "key", "value", "attention_output", "ffn_up", "ffn_down")
 DATA_METHODS = ("taylor", "wanda", "sparsegpt")
@@ -366,3 +366,18 @@ def test_committing_a_copy_leaves_the_original_masked_graph_working():
     assert all(mask_of(m) is not None for m in linears(graph).values())
     total, nonzero = graphprune.count_parameters(graph)  # counts on a committed copy, again
     assert graph.module(**inputs) is not None and nonzero < total
+
+
+@pytest.mark.parametrize("method", ["l1", "wanda", "sparsegpt"])
+def test_a_layer_with_every_head_removed_is_pruned_around_its_empty_projection(method):
+    """remove_heads with min_heads 0 leaves an output projection with no inputs: nothing to score or mask."""
+    graph = traced()
+    cut, _ = graphprune.run_pass(graph, "remove_heads", {"heads": {0: list(range(TINY["num_attention_heads"]))}, "min_heads": 0})
+    assert cut.module.get_submodule("bert.encoder.layer.0.attention.output.dense").weight.numel() == 0
+    pruned, info = graphprune.run_pass(cut, "prune_weight", {"method": method, "sparsity": 0.5, "num_samples": 16}, data=calib())
+    assert info["modules"] == 12 - 4  # layer 0's q, k, v are gone and its output projection is empty
+    for name, module in linears(pruned).items():
+        if module.weight.numel():
+            zeros = (module.weight == 0).float().mean().item()  # (the masked weight)
+            assert zeros == pytest.approx(0.5, abs=0.02), name
+    assert info["weight_sparsity"] == pytest.approx(0.5, abs=0.01)
