@@ -11,9 +11,9 @@ import torch
 
 import graphprune
 from graphprune.app.search.job import read_search_job
-from graphprune.app.search.report import pareto_front
+from graphprune.app.search.front import pareto_front
 from graphprune.app.run_file import run_file
-from graphprune.app.search.study import PrefixCache, open_storage, open_study, optuna
+from graphprune.app.search.study import PrefixCache, Worker, open_storage, open_study, optuna
 
 from ..models import make_model, padded_inputs, tiny_tokenizer, trace_once
 
@@ -110,7 +110,10 @@ def test_the_prefix_cache_reuses_a_prefix_and_matches_a_fresh_run(checkpoint):
 
 
 @needs_rt
-def test_a_seeded_search_is_repeatable_and_its_front_is_optunas(tmp_path, checkpoint):
+def test_a_seeded_search_is_repeatable_and_its_front_is_optunas(tmp_path, checkpoint, monkeypatch):
+    builds = []
+    original = Worker.build
+    monkeypatch.setattr(Worker, "build", lambda self, *args: builds.append(1) or original(self, *args))
     results = []
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
@@ -118,6 +121,7 @@ def test_a_seeded_search_is_repeatable_and_its_front_is_optunas(tmp_path, checkp
         results.append(graphprune.search(path, progress=False, log=lambda *a: None))
         trials = trials_of(path)
         assert sum(t.state.name == "COMPLETE" for t in trials) == 5
+    assert len(builds) == 2 * 5  # the report kept each front member's graph from its trial: none built again
     a, b = results
     assert [(t["params"], t["metrics"]) for t in a["trials"]] == [(t["params"], t["metrics"]) for t in b["trials"]]
     # the front against Optuna's own (no constraints here)

@@ -15,8 +15,9 @@ import tempfile
 from pathlib import Path
 
 from ...ir.summary import Summary
+from .front import best_trial, feasible, pareto_front
 from .job import SearchJob
-from .objectives import METRICS, measure, needs_commit
+from .objectives import measure, needs_commit
 
 
 HOUSEKEEPING = {"progress", "num_samples", "score_samples", "reconstruct_samples", "batch_size", "seed"}  # not shown in the table
@@ -28,38 +29,6 @@ def _atomic_write(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(tmp, path)
-
-
-def feasible(trial) -> bool:
-    return all(v <= 0 for v in trial.constraints.values())
-
-
-def pareto_front(job: SearchJob, trials: list) -> list:
-    """Non-dominated completed trials, among the feasible ones when there are any."""
-    pool = [t for t in trials if feasible(t)] or trials
-    signs = [1 if METRICS[o] == "maximize" else -1 for o in job.objectives]
-
-    def key(t):
-        return [s * v for s, v in zip(signs, t.values)]
-
-    def dominates(a, b):
-        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
-
-    keys = {t.number: key(t) for t in pool}
-    front = [t for t in pool if not any(dominates(keys[o.number], keys[t.number]) for o in pool if o is not t)]
-    return sorted(front, key=lambda t: t.values[0], reverse=METRICS[job.objectives[0]] == "maximize")
-
-
-def best_trial(job: SearchJob, trials: list):
-    """Under the constraints, the best by the objective after accuracy (the first one if accuracy is alone)."""
-    pool = [t for t in trials if feasible(t)]
-    if not pool:
-        return None
-    others = [o for o in job.objectives if o != "accuracy"]
-    name = others[0] if others else job.objectives[0]
-    index = job.objectives.index(name)
-    sign = 1 if METRICS[name] == "maximize" else -1
-    return max(pool, key=lambda t: (sign * t.values[index], t.user_attrs["metrics"]["accuracy"]))
 
 
 def run_file_text(job: SearchJob, trial, checkpoint: Path) -> str:
@@ -114,7 +83,9 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
     rows, members = [], []
     wanted = set(job.objectives) | set(job.constraints)
     for trial in front:
-        graph = worker.build([tuple(s) for s in trial.user_attrs["steps"]], trial.user_attrs.get("finetune"))
+        graph = worker.kept.get(trial.number)  # built by this worker during the search, or built again here
+        if graph is None:
+            graph = worker.build([tuple(s) for s in trial.user_attrs["steps"]], trial.user_attrs.get("finetune"))
         again = measure(graph, worker.reference, wanted - {"accuracy"})
         test_accuracy = worker.reference.score(graph, test)
         run_path = out / "front" / f"trial_{trial.number}.toml"

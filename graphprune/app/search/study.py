@@ -25,6 +25,7 @@ import warnings
 from ...infra.pipeline import run_pipeline
 from ...training.calibration import CalibrationData
 from ...training.finetune import finetune
+from .front import pareto_front
 from .job import SearchJob, sample
 from .objectives import METRICS, Reference, measure
 
@@ -164,6 +165,7 @@ class Worker:
         calibration = CalibrationData(splits["train"], tokenizer, max_length=self.max_length)
         self.cache = PrefixCache(dense, calibration, job.cache_size)
         self.wanted = set(job.objectives) | set(job.constraints)
+        self.kept: dict[int, object] = {}  # this worker's graphs on the current front: the report need not build them again
 
     def build(self, steps: list[tuple[str, dict]], finetune_options: dict | None):
         """The trial's graph: the passes before the first ``lower``, the fine-tune, then ``lower`` and the rest."""
@@ -186,7 +188,14 @@ class Worker:
         trial.set_user_attr("metrics", values)
         for key, bound in self.job.constraints.items():  # Optuna's samplers read them: feasible when <= 0
             trial.set_constraint(key, values[key] - bound)
-        return [values[o] for o in self.job.objectives]
+        return [values[o] for o in self.job.objectives], graph
+
+    def keep(self, study, number: int, graph) -> None:
+        """Keep the graph of a trial while it is on the front (a few graphs, not one per trial)."""
+        op = optuna()
+        self.kept[number] = graph
+        front = {t.number for t in pareto_front(self.job, study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE,)))}
+        self.kept = {n: g for n, g in self.kept.items() if n in front}
 
     def work(self, study, storage, *, progress=None, log=print) -> int:
         """Claim and run trials until the study has ``trials`` completed or running; returns how many this worker ran."""
@@ -209,13 +218,14 @@ class Worker:
                 return ran
             with get_heartbeat_thread(trial._trial_id, storage):
                 try:
-                    values = self.objective(trial)
+                    values, graph = self.objective(trial)
                 except Exception as error:  # the trial fails, the search goes on
                     trial.set_user_attr("error", f"{type(error).__name__}: {str(error)[:300]}")
                     study.tell(trial, state=op.trial.TrialState.FAIL)
                     log(f"trial {trial.number} failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
                 else:
                     study.tell(trial, values)
+                    self.keep(study, trial.number, graph)
             ran += 1
             if progress is not None:
                 progress.n = completed(study)

@@ -1,0 +1,38 @@
+"""Which trials a search keeps: the feasible ones, the Pareto front, the best under the constraints."""
+
+from __future__ import annotations
+
+from .job import SearchJob
+from .objectives import METRICS
+
+
+def feasible(trial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def pareto_front(job: SearchJob, trials: list) -> list:
+    """Non-dominated completed trials, among the feasible ones when there are any."""
+    pool = [t for t in trials if feasible(t)] or trials
+    signs = [1 if METRICS[o] == "maximize" else -1 for o in job.objectives]
+
+    def key(t):
+        return [s * v for s, v in zip(signs, t.values)]
+
+    def dominates(a, b):
+        return all(x >= y for x, y in zip(a, b)) and any(x > y for x, y in zip(a, b))
+
+    keys = {t.number: key(t) for t in pool}
+    front = [t for t in pool if not any(dominates(keys[o.number], keys[t.number]) for o in pool if o is not t)]
+    return sorted(front, key=lambda t: t.values[0], reverse=METRICS[job.objectives[0]] == "maximize")
+
+
+def best_trial(job: SearchJob, trials: list):
+    """Under the constraints, the best by the objective after accuracy (the first one if accuracy is alone)."""
+    pool = [t for t in trials if feasible(t)]
+    if not pool:
+        return None
+    others = [o for o in job.objectives if o != "accuracy"]
+    name = others[0] if others else job.objectives[0]
+    index = job.objectives.index(name)
+    sign = 1 if METRICS[name] == "maximize" else -1
+    return max(pool, key=lambda t: (sign * t.values[index], t.user_attrs["metrics"]["accuracy"]))
