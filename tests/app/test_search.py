@@ -83,6 +83,9 @@ def trials_of(path):
         ('sampler = "cmaes"', PASSES, ["sampler", "cmaes", "nsga2"]),
         ("constraints = { accuracy_loss = 1.0 }", PASSES, ["search.constraints", "accuracy_loss", "accuracy_drop"]),
         ('orders = [["quantize"]]', PASSES, ["orders", "prune_weight"]),
+        ("", PASSES + '[export]\nformat = "tflite"', ["export", "tflite", "onnx"]),
+        ("", PASSES + '[export]\nformat = "onnx"\npath = "x"', ["[export]", "path", "folder"]),
+        ("", PASSES + '[export]\nformat = "aoti"\nquantize = { choice = ["dynamic"] }', ["quantize", "onnx"]),
     ],
 )
 def test_bad_jobs_are_clear_errors_before_any_trial(tmp_path, checkpoint, search, passes, words):
@@ -162,3 +165,27 @@ def test_a_killed_workers_trial_is_failed_and_the_study_resumes(tmp_path, checkp
     result = graphprune.search(path, progress=False, log=lambda *a: None)
     states = [t.state.name for t in trials_of(path)]
     assert states == ["FAIL", "COMPLETE", "COMPLETE"] and result["completed"] == 2 and result["failed"] == 1
+
+
+@needs_rt
+def test_trials_that_export_are_measured_as_their_artefact_in_its_own_runtime(tmp_path, checkpoint):
+    from graphprune.app.export import evaluate_artefact, read_manifest
+    from graphprune.training.data import load_dataset
+
+    passes = '[[passes]]\nname = "prune_weight"\nmethod = "l1"\nsparsity = { choice = [0.2, 0.5] }\n\n[[passes]]\nname = "lower"\ncompile = false'
+    export = '[export]\noptional = true\nformat = "onnx"\nquantize = { choice = ["dynamic"] }'
+    path = write_job(tmp_path, checkpoint, search='trials = 4\nsampler = "random"\nobjectives = ["accuracy", "size"]', passes=passes, finetune=export)
+    result = graphprune.search(path, progress=False, log=lambda *a: None)
+    trials = [t for t in trials_of(path) if t.state.name == "COMPLETE"]
+    exported = [t for t in trials if t.user_attrs["export"]]
+    assert exported and len(exported) < len(trials)  # seed 0 draws both kinds
+    for t in trials:  # ONNX Runtime quantizes the float graph: a trial that exports leaves out lower
+        assert ("lower" in [name for name, _ in t.user_attrs["steps"]]) == (not t.user_attrs["export"])
+    # the smallest is an ONNX int8 file; its recorded test accuracy is the artefact's in ONNX Runtime
+    best = next(m for m in result["front"] if m["trial"] == result["best"])
+    assert best["export"] == {"format": "onnx", "quantize": "dynamic"} and "export onnx dynamic" in best["pipeline"]
+    folder = tmp_path / "job_search" / "best_artefact"
+    assert read_manifest(folder)["artefact"] == "onnx"
+    test = load_dataset("rotten_tomatoes")["test"].subset(24)
+    assert evaluate_artefact(folder, test, max_length=16, progress=False)["accuracy"] == pytest.approx(best["test_accuracy"], abs=1e-4)
+    assert "[[export]]" in open(best["run_file"]).read()

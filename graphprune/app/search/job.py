@@ -31,6 +31,12 @@
     distill = true
     max_steps = { choice = [0, 50, 100] }
 
+    [export]                     # optional: trials measured as an artefact in its own runtime
+    optional = true              # the search may keep the graph in torch instead
+    format = "onnx"              # onnx | aoti | hf, as a run file's [[export]]
+    quantize = { choice = ["dynamic", "static"] }   # onnx only; ONNX Runtime quantizes the
+                                 # float graph, so a trial that exports to ONNX leaves out `lower`
+
 A search value is a table with one of ``choice = [...]``, ``range = [lo, hi]`` (with an
 optional ``step``), ``int = [lo, hi]`` (optional ``step``) or ``log = [lo, hi]``; it may
 stand for any pass field, nested fields included. Everything is checked before any
@@ -47,10 +53,10 @@ from pathlib import Path
 from ...infra.pipeline import read_toml, resolve_steps
 from ...training.finetune import FinetuneConfig
 from ..run_file import FIELDS as RUN_FIELDS
-from ..run_file import MODEL_NAMES, _check_section
+from ..run_file import EXPORT_FIELDS, MODEL_NAMES, _check_export, _check_section
 from .objectives import CONSTRAINTS, METRICS
 
-SECTIONS = {"model", "data", "search", "passes", "finetune"}
+SECTIONS = {"model", "data", "search", "passes", "finetune", "export"}
 SEARCH_FIELDS = {"trials", "sampler", "seed", "objectives", "orders", "constraints", "latency", "study", "storage", "output", "cache_size"}
 SAMPLERS = ("tpe", "nsga2", "random")
 KINDS = ({"choice"}, {"range"}, {"range", "step"}, {"int"}, {"int", "step"}, {"log"})
@@ -134,6 +140,7 @@ class SearchJob:
     passes: tuple          # (id, pass name, config with search values, optional)
     finetune: dict | None  # with search values
     distill: bool
+    export: dict | None    # with search values; "optional" among them
     params: tuple          # every Param, passes first
     orders: tuple          # tuples of pass ids; one order when not searched
     trials: int
@@ -191,6 +198,7 @@ def read_search_job(path) -> SearchJob:
         params += found
         entries.append((ident, name, table, optional))
     finetune, distill = _read_finetune(path, spec, params)
+    export = _read_export(path, spec, params)
     orders = _read_orders(path, search.get("orders"), [e[0] for e in entries])
     if len(orders) > 1:
         params.append(Param("order", "choice", tuple(range(len(orders)))))
@@ -215,7 +223,7 @@ def read_search_job(path) -> SearchJob:
             raise ValueError(f"{path}: [search] {field} = {search[field]!r} is not allowed; expected a non-empty string")
     output = Path(search.get("output", f"{path.stem}_search"))
     return SearchJob(
-        path=path, model=model, data=data, passes=tuple(entries), finetune=finetune, distill=distill, params=tuple(params),
+        path=path, model=model, data=data, passes=tuple(entries), finetune=finetune, distill=distill, export=export, params=tuple(params),
         orders=tuple(orders), trials=_integer(path, "[search] trials", search.get("trials", 20), 1), sampler=sampler, seed=seed,
         objectives=tuple(objectives), constraints=dict(constraints), latency=latency, study=search.get("study", path.stem),
         storage=search.get("storage"), output=output if output.is_absolute() else path.parent / output,
@@ -260,6 +268,30 @@ def _read_finetune(path, spec: dict, params: list[Param]):
     return table, bool(distill)
 
 
+def _read_export(path, spec: dict, params: list[Param]) -> dict | None:
+    if "export" not in spec:
+        return None
+    if not isinstance(spec["export"], dict):
+        raise ValueError(f"{path}: [export] is one table in a search job (the trial's artefact), not an array")
+    table = dict(spec["export"])
+    optional = table.pop("optional", False)
+    if not isinstance(optional, bool):
+        raise ValueError(f"{path}: [export] optional = {optional!r} is not allowed; expected true or false")
+    bad = sorted(set(table) - (EXPORT_FIELDS - {"path"}))
+    if bad:
+        raise ValueError(f"{path}: [export] has unknown field {bad[0]!r}; allowed: {sorted(EXPORT_FIELDS - {'path'} | {'optional'})} "
+                         "(each trial's artefact goes to a folder of the search's own)")
+    found: list[Param] = []
+    _collect(f"{path}: [export]", "export", table, found)
+    first = {p.name: p.values[0] for p in found}
+    for values in [first] + [{**first, p.name: v} for p in found for v in p.extremes()[1:]]:
+        _check_export(path, {**fill(table, values, "export"), "path": "artefact"})
+    if optional:
+        found.append(Param("export.use", "choice", (True, False)))
+    params += found
+    return {**table, "optional": optional}
+
+
 def _read_orders(path, orders, ids: list[str]) -> list[tuple]:
     if orders is None:
         return [tuple(ids)]
@@ -271,8 +303,9 @@ def _read_orders(path, orders, ids: list[str]) -> list[tuple]:
     return [tuple(o) for o in orders]
 
 
-def sample(job: SearchJob, trial) -> tuple[list[tuple[str, dict]], dict | None]:
-    """The trial's concrete pipeline, ``[(pass name, config)]`` in its order, and its fine-tune options (None: none)."""
+def sample(job: SearchJob, trial) -> tuple[list[tuple[str, dict]], dict | None, dict | None]:
+    """The trial's concrete pipeline, ``[(pass name, config)]`` in its order, its fine-tune options and
+    its export (each None when the trial has none)."""
     values = {p.name: p.suggest(trial) for p in job.params}
     order = job.orders[values.get("order", 0)]
     by_id = {ident: (name, table, optional) for ident, name, table, optional in job.passes}
@@ -285,4 +318,9 @@ def sample(job: SearchJob, trial) -> tuple[list[tuple[str, dict]], dict | None]:
     finetune = fill(job.finetune, values, "finetune") if job.finetune is not None else None
     if finetune is not None and finetune.get("max_steps") == 0:
         finetune = None
-    return steps, finetune
+    export = None
+    if job.export is not None and values.get("export.use", True):
+        export = fill({k: v for k, v in job.export.items() if k != "optional"}, values, "export")
+        if export["format"] == "onnx":
+            steps = [(name, config) for name, config in steps if name != "lower"]  # ONNX Runtime quantizes the float graph
+    return steps, finetune, export

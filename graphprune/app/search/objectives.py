@@ -1,6 +1,8 @@
 """What a search trial measures: each metric's direction, and the constraints on them.
 
-All ratios are against the job's input graph measured in the same process:
+All ratios are against the job's input graph measured in the same process (a trial that
+exports, ``[export]``, is measured as its artefact in its own runtime: ONNX Runtime, the
+AOTInductor package or ``from_pretrained``):
 ``latency`` interleaves the two graphs on the same batch (median of ``iters`` calls, as
 :func:`graphprune.training.timing.compare_latency`), so load on the machine hits both.
 """
@@ -15,7 +17,7 @@ import torch
 
 from ...ir.masks import count_parameters, has_uncommitted_masks
 from ...training.evaluate import evaluate
-from ...training.timing import compare_latency
+from ...training.timing import compare_latency, time_interleaved
 
 METRICS = {
     "accuracy": "maximize",  # on the validation split (the test split only for the front, at the end)
@@ -23,7 +25,7 @@ METRICS = {
     "flops": "minimize",     # FLOPs / the input graph's, at max_length
     "params": "minimize",    # non-zero parameters / the input graph's
     "bits": "minimize",      # average bits per weight (32 in float)
-    "size": "minimize",      # checkpoint size on disk, MB
+    "size": "minimize",      # checkpoint (or artefact) size on disk, MB
 }
 CONSTRAINTS = {
     "accuracy_drop": "points of validation accuracy lost at most",
@@ -76,8 +78,38 @@ class Reference:
         return evaluate(graph, data or self.data, self.tokenizer, max_length=self.max_length, progress=False)["accuracy"]
 
 
+@dataclass
+class Exported:
+    """A trial's artefact (``[export]``): measured in its own runtime; the graph it came from for FLOPs and parameters."""
+
+    graph: object
+    folder: Path
+
+    def __post_init__(self):
+        from ..export import load_artefact
+
+        self.artefact = load_artefact(self.folder, threads=torch.get_num_threads())
+
+    def score(self, reference: Reference, data=None) -> float:
+        from ..export import evaluate_artefact
+
+        return evaluate_artefact(self.folder, data or reference.data, reference.tokenizer, max_length=reference.max_length, progress=False)["accuracy"]
+
+    def latency(self, reference: Reference) -> float:
+        feeds = {k: v.numpy() for k, v in reference.latency_inputs.items() if k in self.artefact.inputs}
+        with torch.no_grad():
+            ms = time_interleaved({"artefact": lambda: self.artefact(feeds), "input": lambda: reference.graph.module(**reference.latency_inputs)},
+                                  iters=reference.latency_iters)
+        return ms["artefact"] / ms["input"]
+
+    def megabytes(self) -> float:
+        return self.artefact.manifest["model_bytes"] / 1e6
+
+
 def measure(graph, reference: Reference, wanted: set[str]) -> dict:
-    """The metrics in ``wanted`` (accuracy always) of a trial's graph."""
+    """The metrics in ``wanted`` (accuracy always) of a trial's graph or artefact (:class:`Exported`)."""
+    if isinstance(graph, Exported):
+        return _measure_artefact(graph, reference, wanted)
     values = {"accuracy": reference.score(graph)}
     values["accuracy_drop"] = round((reference.accuracy - values["accuracy"]) * 100, 4)
     if "latency" in wanted:
@@ -91,6 +123,23 @@ def measure(graph, reference: Reference, wanted: set[str]) -> dict:
         values["bits"] = average_weight_bits(graph)
     if "size" in wanted:
         values["size"] = checkpoint_mb(graph)
+    return values
+
+
+def _measure_artefact(exported: Exported, reference: Reference, wanted: set[str]) -> dict:
+    values = {"accuracy": exported.score(reference)}
+    values["accuracy_drop"] = round((reference.accuracy - values["accuracy"]) * 100, 4)
+    if "latency" in wanted:
+        values["latency"] = exported.latency(reference)
+    if "flops" in wanted:
+        values["flops"] = _flops(exported.graph, reference.max_length) / reference.flops
+    if "params" in wanted:
+        values["params"] = count_parameters(exported.graph)[1] / reference.params
+    if "bits" in wanted:  # what the file holds per float weight of its graph
+        float_bytes = sum(t.numel() * t.element_size() for t in exported.graph.module.state_dict().values())
+        values["bits"] = 32.0 * exported.artefact.manifest["model_bytes"] / float_bytes
+    if "size" in wanted:
+        values["size"] = exported.megabytes()
     return values
 
 

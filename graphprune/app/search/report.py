@@ -3,7 +3,8 @@ its plot, the best trial under the constraints checkpointed, and ``search.json``
 
 Written under the job's ``[search] output`` folder (default ``<job stem>_search`` beside it):
 ``front/trial_<n>.toml`` (``graphprune run`` reproduces the member on the test split),
-``pareto.png`` (two or three objectives), ``best/`` (a graph checkpoint) and ``search.json``.
+``pareto.png`` (two or three objectives), ``best/`` (a graph checkpoint; with ``best_artefact/`` when
+the best trial exports) and ``search.json``.
 Every file is written whole (temporary name, then renamed).
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from ...ir.summary import Summary
 from .front import best_trial, feasible, pareto_front
 from .job import SearchJob
-from .objectives import measure, needs_commit
+from .objectives import Exported, measure, needs_commit
 
 
 HOUSEKEEPING = {"progress", "num_samples", "score_samples", "reconstruct_samples", "batch_size", "seed"}  # not shown in the table
@@ -42,8 +44,19 @@ def run_file_text(job: SearchJob, trial, checkpoint: Path) -> str:
     if trial.user_attrs.get("finetune") is not None:
         spec["finetune"] = {**trial.user_attrs["finetune"], "distill": job.distill}
     spec["output"] = {"checkpoint": str(checkpoint.resolve())}
+    if trial.user_attrs.get("export"):
+        spec["export"] = [{"path": str(checkpoint.resolve()) + "_artefact", **trial.user_attrs["export"]}]
     header = f"# search {job.study!r}, trial {trial.number}: validation {trial.user_attrs['metrics']}\n"
     return header + tomli_w.dumps(spec)
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` whole: into a temporary sibling, then renamed over the old one."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
 
 
 def _plot(job: SearchJob, study, path: Path) -> bool:
@@ -66,8 +79,9 @@ def _plot(job: SearchJob, study, path: Path) -> bool:
 def _pipeline(trial) -> str:
     steps = " -> ".join(f"{n}({', '.join(f'{k}={v}' for k, v in c.items() if not isinstance(v, dict) and k not in HOUSEKEEPING)})"
                         for n, c in trial.user_attrs["steps"]) or "(no passes)"
-    options = trial.user_attrs.get("finetune")
-    return steps + (f" + finetune {options.get('max_steps', '')} steps" if options else "")
+    options, export = trial.user_attrs.get("finetune"), trial.user_attrs.get("export")
+    return (steps + (f" + finetune {options.get('max_steps', '')} steps" if options else "")
+            + (f" -> export {export['format']}" + (f" {export['quantize']}" if export.get("quantize") else "") if export else ""))
 
 
 def report(job: SearchJob, study, worker, *, log=print) -> dict:
@@ -85,9 +99,11 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
     for trial in front:
         graph = worker.kept.get(trial.number)  # built by this worker during the search, or built again here
         if graph is None:
-            graph = worker.build([tuple(s) for s in trial.user_attrs["steps"]], trial.user_attrs.get("finetune"))
+            export = trial.user_attrs.get("export")
+            graph = worker.build([tuple(s) for s in trial.user_attrs["steps"]], trial.user_attrs.get("finetune"), export,
+                                 worker.artefact_folder(trial.number) if export else None)
         again = measure(graph, worker.reference, wanted - {"accuracy"})
-        test_accuracy = worker.reference.score(graph, test)
+        test_accuracy = graph.score(worker.reference, test) if isinstance(graph, Exported) else worker.reference.score(graph, test)
         run_path = out / "front" / f"trial_{trial.number}.toml"
         _atomic_write(run_path, run_file_text(job, trial, out / "front" / f"trial_{trial.number}"))
         row = {"trial": trial.number, "pipeline": _pipeline(trial), "feasible": feasible(trial),
@@ -96,8 +112,12 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
         if "latency" in again:
             row["latency_rerun"] = round(again["latency"], 4)
         rows.append(row)
-        members.append({**row, "run_file": str(run_path), "steps": trial.user_attrs["steps"], "finetune": trial.user_attrs.get("finetune")})
+        members.append({**row, "run_file": str(run_path), "steps": trial.user_attrs["steps"], "finetune": trial.user_attrs.get("finetune"),
+                        "export": trial.user_attrs.get("export")})
         if best is not None and trial.number == best.number:
+            if isinstance(graph, Exported):  # the artefact beside the checkpoint of the graph it came from
+                _replace_folder(graph.folder, out / "best_artefact")
+                graph = graph.graph
             if needs_commit(graph):
                 from ...infra.pipeline import run_pass
 

@@ -19,15 +19,18 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import socket
+import tempfile
 import warnings
+from pathlib import Path
 
 from ...infra.pipeline import run_pipeline
 from ...training.calibration import CalibrationData
 from ...training.finetune import finetune
 from .front import pareto_front
 from .job import SearchJob, sample
-from .objectives import METRICS, Reference, measure
+from .objectives import METRICS, Exported, Reference, measure
 
 HEARTBEAT_S, GRACE_S = 10, 30  # RDB heartbeats: a trial silent for GRACE_S seconds is failed
 
@@ -166,9 +169,11 @@ class Worker:
         self.cache = PrefixCache(dense, calibration, job.cache_size)
         self.wanted = set(job.objectives) | set(job.constraints)
         self.kept: dict[int, object] = {}  # this worker's graphs on the current front: the report need not build them again
+        self._artefacts = None  # a temporary folder for the trials' artefacts, made on first use
 
-    def build(self, steps: list[tuple[str, dict]], finetune_options: dict | None):
-        """The trial's graph: the passes before the first ``lower``, the fine-tune, then ``lower`` and the rest."""
+    def build(self, steps: list[tuple[str, dict]], finetune_options: dict | None, export: dict | None = None, folder=None):
+        """The trial's graph: the passes before the first ``lower``, the fine-tune, then ``lower`` and the rest;
+        with ``export``, the artefact of that graph in ``folder`` (an :class:`Exported`)."""
         cut = next((i for i, (name, _) in enumerate(steps) if name == "lower"), len(steps))
         graph = self.cache.run(steps[:cut])
         if finetune_options is not None:
@@ -177,13 +182,25 @@ class Worker:
             finetune(graph, self.splits["train"], self.tokenizer, teacher=teacher, **{"max_length": self.max_length, "progress": False, **finetune_options})
         if cut < len(steps):
             graph, _ = run_pipeline(graph, steps[cut:], data=self.cache.data)
-        return graph
+        if export is None:
+            return graph
+        options = {k: v for k, v in export.items() if k != "format"}
+        if options.get("quantize") == "static":
+            options["data"] = self.cache.data
+        graph.export(folder, format=export["format"], tokenizer=self.tokenizer, **options)
+        return Exported(graph, Path(folder))
+
+    def artefact_folder(self, number: int) -> Path:
+        if self._artefacts is None:
+            self._artefacts = tempfile.TemporaryDirectory(prefix="graphprune-search-")
+        return Path(self._artefacts.name) / f"trial_{number}"
 
     def objective(self, trial) -> list[float]:
-        steps, options = sample(self.job, trial)
+        steps, options, export = sample(self.job, trial)
         trial.set_user_attr("steps", [[name, config] for name, config in steps])
         trial.set_user_attr("finetune", options)
-        graph = self.build(steps, options)
+        trial.set_user_attr("export", export)
+        graph = self.build(steps, options, export, self.artefact_folder(trial.number) if export else None)
         values = measure(graph, self.reference, self.wanted)
         trial.set_user_attr("metrics", values)
         for key, bound in self.job.constraints.items():  # Optuna's samplers read them: feasible when <= 0
@@ -195,7 +212,10 @@ class Worker:
         op = optuna()
         self.kept[number] = graph
         front = {t.number for t in pareto_front(self.job, study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE,)))}
-        self.kept = {n: g for n, g in self.kept.items() if n in front}
+        for n in [n for n in self.kept if n not in front]:
+            dropped = self.kept.pop(n)
+            if isinstance(dropped, Exported):
+                shutil.rmtree(dropped.folder, ignore_errors=True)
 
     def work(self, study, storage, *, progress=None, log=print) -> int:
         """Claim and run trials until the study has ``trials`` completed or running; returns how many this worker ran."""
