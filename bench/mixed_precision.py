@@ -14,12 +14,13 @@ Accuracy after PTQ, and after the same short distilled QAT (``--qat-steps``, 0 s
 it), on the validation and test splits. Prints the table, the target (mixed at 4 bits
 more accurate than uniform 4-bit after PTQ), writes ``bench/results/mixed_precision.json``.
 
-Run: ``python bench/mixed_precision.py [--granularity layer|linear] [--bits 4 6] [--qat-steps 100] [--quick]``.
+Run: ``python bench/mixed_precision.py [--granularity layer|linear] [--bits 4 6] [--qat-steps 100] [--iterations 10] [--trace-samples 4] [--widths 2 3 4 5 6 8] [--reuse-sensitivity] [--quick]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -43,6 +44,12 @@ def main() -> None:
     parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 6.0], help="average weight widths compared")
     parser.add_argument("--qat-steps", type=int, default=100, help="distilled QAT steps after PTQ (0: PTQ only)")
     parser.add_argument("--num-samples", type=int, default=96, help="calibration snippets for the Hessian")
+    parser.add_argument("--subsets", type=int, default=3, help="data subsets for the eigenvalue's mean + std (Q-BERT)")
+    parser.add_argument("--iterations", type=int, default=10, help="power iterations per subset at most")
+    parser.add_argument("--trace-samples", type=int, default=4, help="Hutchinson probes per subset")
+    parser.add_argument("--widths", type=int, nargs="+", default=None, help="widths mixed_precision chooses from (default its own, 3-8)")
+    parser.add_argument("--reuse-sensitivity", action="store_true",
+                        help="read the sensitivity from this granularity's results JSON instead of measuring it again")
     parser.add_argument("--quick", action="store_true", help="a smoke run on small splits; its numbers are not the benchmark's")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -60,17 +67,24 @@ def main() -> None:
     log(f"MiniLM baseline: validation {dense['validation']:.4f}, test {dense['test']:.4f}")
     calibration = CalibrationData(splits["train"], tokenizer, batch_size=32)
     began = time.perf_counter()
-    measured, info = graphprune.run_pass(base, "hessian_sensitivity", {
-        "granularity": args.granularity, "num_samples": 32 if args.quick else args.num_samples, "subsets": 1 if args.quick else 3,
-        "iterations": 3 if args.quick else 20, "tolerance": 1e-2, "trace_samples": 1 if args.quick else 8}, data=calibration)
+    name = f"mixed_precision{'_quick' if args.quick else ''}{'' if args.granularity == 'layer' else '_linear'}"
+    if args.reuse_sensitivity:
+        measured = base.copy()
+        measured.meta["sensitivity"] = json.loads((RESULTS / f"{name}.json").read_text())["sensitivity"]
+        info = {"table": f"(the sensitivity of {RESULTS / f'{name}.json'})"}
+    else:
+        measured, info = graphprune.run_pass(base, "hessian_sensitivity", {
+            "granularity": args.granularity, "num_samples": 32 if args.quick else args.num_samples, "subsets": 1 if args.quick else args.subsets,
+            "iterations": 3 if args.quick else args.iterations, "tolerance": 1e-2, "trace_samples": 1 if args.quick else args.trace_samples}, data=calibration)
     sensitivity_seconds = time.perf_counter() - began
     log(info["table"])
-    log(f"hessian_sensitivity: {sensitivity_seconds:.0f} s")
+    log(f"hessian_sensitivity: {sensitivity_seconds:.0f} s" + (" (read, not measured)" if args.reuse_sensitivity else ""))
 
     rows = []
     for bits in args.bits:
         variants = [("uniform", {"widths": [int(bits)], "criterion": "eigenvalue"})] if bits == int(bits) else []
-        variants += [("mixed (trace)", {"criterion": "trace"}), ("mixed (eigenvalue)", {"criterion": "eigenvalue"})]
+        chosen = {"widths": args.widths} if args.widths else {}
+        variants += [("mixed (trace)", {"criterion": "trace", **chosen}), ("mixed (eigenvalue)", {"criterion": "eigenvalue", **chosen})]
         for label, options in variants:
             quantized, q = graphprune.run_pass(measured, "mixed_precision", {"average_bits": bits, **options})
             row = {"average_bits": bits, "method": label, "bits_used": round(q["average_bits"], 3),
@@ -95,7 +109,8 @@ def main() -> None:
         log(f"\nTarget: mixed precision at 4 average bits more accurate than uniform 4-bit after PTQ: {best['method']} "
             f"{best['ptq_test']:.4f} vs {uniform4['ptq_test']:.4f}: {'met' if target['met'] else 'NOT met'}")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"mixed_precision{'_quick' if args.quick else ''}{'' if args.granularity == 'layer' else '_linear'}.json"
+    default_run = args.bits == [4.0, 6.0] and not args.widths
+    path = RESULTS / f"{name}{'' if default_run else '_bits_' + '_'.join(f'{b:g}' for b in args.bits)}.json"  # (the defaults' file keeps its name)
     write_json(path, {"machine": machine, "dense": dense, "granularity": args.granularity, "sensitivity": measured.meta["sensitivity"],
                       "sensitivity_seconds": round(sensitivity_seconds, 1), "rows": rows, "target": target,
                       "seconds": round(time.perf_counter() - start, 1)})
