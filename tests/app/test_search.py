@@ -168,6 +168,37 @@ def test_a_killed_workers_trial_is_failed_and_the_study_resumes(tmp_path, checkp
 
 
 @needs_rt
+def test_on_an_rdb_a_killed_workers_trial_is_failed_by_its_stale_heartbeat(tmp_path, checkpoint, monkeypatch):
+    """As on another machine: the worker's pid cannot be checked, so only its heartbeats tell it is gone."""
+    from graphprune.app.search import study as study_module
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    slow = "[finetune]\nbatch_size = 2\nmax_steps = 100000"
+    path = write_job(tmp_path, checkpoint, search="trials = 1\nsampler = \"random\"", finetune=slow)
+    command = [sys.executable, "-m", "graphprune", "search", str(path), "--worker-only", "--no-progress", "--storage", storage]
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job = read_search_job(path)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if (tmp_path / "study.db").exists() and any(t.state.name == "RUNNING" for t in open_study(job, open_storage(job, storage)).get_trials()):
+                break
+        else:
+            pytest.fail("the worker never started a trial")
+    finally:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    monkeypatch.setattr(study_module, "_alive", lambda pid: True)  # the pid check would catch it first on this machine
+    monkeypatch.setattr(study_module, "GRACE_S", 2)  # instead of waiting the default 30 s
+    time.sleep(3)
+    write_job(tmp_path, checkpoint, search="trials = 1\nsampler = \"random\"", finetune=slow.replace("100000", "1"))
+    result = graphprune.search(path, storage=storage, progress=False, log=lambda *a: None)
+    states = [t.state.name for t in open_study(job, open_storage(job, storage)).get_trials()]
+    assert states == ["FAIL", "COMPLETE"] and result["completed"] == 1 and result["failed"] == 1
+
+
+@needs_rt
 def test_trials_that_export_are_measured_as_their_artefact_in_its_own_runtime(tmp_path, checkpoint):
     from graphprune.app.export import evaluate_artefact, read_manifest
     from graphprune.training.data import load_dataset
