@@ -104,17 +104,7 @@ def read_job(path) -> dict:
         steps = resolve_steps(normalise_steps(passes))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
-    finetune_spec = dict(spec.get("finetune", {}))
-    distill = finetune_spec.pop("distill", False)
-    allowed = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    bad = sorted(set(finetune_spec) - allowed)
-    if bad:
-        raise ValueError(f"{path}: [finetune] has unknown field {bad[0]!r}; allowed: {sorted(allowed | {'distill'})}")
-    if "finetune" in spec:
-        try:
-            FinetuneConfig(**finetune_spec)
-        except ValueError as error:
-            raise ValueError(f"{path}: [finetune] {error}") from None
+    finetune_spec, distill = check_finetune(path, spec["finetune"]) if "finetune" in spec else ({}, False)
     iterative = None
     if "iterative" in spec:
         iterative = _check_iterative(path, _check_section(path, "iterative", spec["iterative"]))
@@ -132,6 +122,23 @@ def read_job(path) -> dict:
         "output": output.get("checkpoint"),
         "exports": exports,
     }
+
+
+def check_finetune(path: Path, table: dict) -> tuple[dict, bool]:
+    """A [finetune] table: its graphprune.finetune options (checked by FinetuneConfig) and whether to distill."""
+    options = dict(table)
+    distill = options.pop("distill", False)
+    if not isinstance(distill, bool):
+        raise ValueError(f"{path}: [finetune] distill = {distill!r} is not allowed; expected true or false")
+    allowed = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    bad = sorted(set(options) - allowed)
+    if bad:
+        raise ValueError(f"{path}: [finetune] has unknown field {bad[0]!r}; allowed: {sorted(allowed | {'distill'})}")
+    try:
+        FinetuneConfig(**options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: [finetune] {error}") from None
+    return options, distill
 
 
 def _tables(path: Path, name: str, value) -> list:

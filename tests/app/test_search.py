@@ -83,6 +83,8 @@ def trials_of(path):
         ('sampler = "cmaes"', PASSES, ["sampler", "cmaes", "nsga2"]),
         ("constraints = { accuracy_loss = 1.0 }", PASSES, ["search.constraints", "accuracy_loss", "accuracy_drop"]),
         ('orders = [["quantize"]]', PASSES, ["orders", "prune_weight"]),
+        ("", PASSES + '[finetune]\nmax_step = { choice = [0, 10] }', ["[finetune]", "max_step", "max_steps"]),
+        ("", PASSES + '[finetune]\nmax_steps = { choice = [0, 10] }\nlearning_rate = -1.0', ["[finetune]", "learning_rate"]),
         ("", PASSES + '[export]\nformat = "tflite"', ["export", "tflite", "onnx"]),
         ("", PASSES + '[export]\nformat = "onnx"\npath = "x"', ["[export]", "path", "folder"]),
         ("", PASSES + '[export]\nformat = "aoti"\nquantize = { choice = ["dynamic"] }', ["quantize", "onnx"]),

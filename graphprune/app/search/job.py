@@ -51,9 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ...infra.pipeline import read_toml, resolve_steps
-from ...training.finetune import FinetuneConfig
 from ..run_file import FIELDS as RUN_FIELDS
-from ..run_file import EXPORT_FIELDS, MODEL_NAMES, _check_export, _check_section
+from ..run_file import EXPORT_FIELDS, MODEL_NAMES, _check_export, _check_section, check_finetune
 from .objectives import CONSTRAINTS, METRICS
 
 SECTIONS = {"model", "data", "search", "passes", "finetune", "export"}
@@ -249,23 +248,14 @@ def _read_finetune(path, spec: dict, params: list[Param]):
     distill = table.pop("distill", False)
     found: list[Param] = []
     _collect(f"{path}: [finetune]", "finetune", table, found)
-    import dataclasses
-
-    allowed = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    bad = sorted(set(table) - allowed)
-    if bad:
-        raise ValueError(f"{path}: [finetune] has unknown field {bad[0]!r}; allowed: {sorted(allowed | {'distill'})}")
     first = {p.name: p.values[0] for p in found}
     for values in [first] + [{**first, p.name: v} for p in found for v in p.extremes()[1:]]:
         concrete = fill(table, values, "finetune")
         if concrete.get("max_steps") == 0:
-            continue  # no fine-tune at all
-        try:
-            FinetuneConfig(**concrete)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: [finetune] {error}") from None
+            concrete.pop("max_steps")  # no fine-tune at all; the other fields are still checked
+        check_finetune(path, {**concrete, "distill": distill})
     params += found
-    return table, bool(distill)
+    return table, distill
 
 
 def _read_export(path, spec: dict, params: list[Param]) -> dict | None:
