@@ -230,11 +230,15 @@ def read_search_job(path) -> SearchJob:
     )
 
 
+def _variants(found: list[Param]) -> list[dict]:
+    """Every choice and each end of every range, the other values at their first: what the checks build."""
+    first = {p.name: p.values[0] for p in found}
+    return [first] + [{**first, p.name: v} for p in found for v in p.extremes()[1:]]
+
+
 def _check_configs(where: str, name, table: dict, ident: str, found: list[Param]) -> None:
     """Build the pass config at each choice and each end of each range (the others at their first value)."""
-    first = {p.name: p.values[0] for p in found}
-    variants = [first] + [{**first, p.name: v} for p in found for v in p.extremes()[1:]]
-    for values in variants:
+    for values in _variants(found):
         try:
             resolve_steps([(name, fill(table, values, ident))])
         except ValueError as error:
@@ -248,8 +252,7 @@ def _read_finetune(path, spec: dict, params: list[Param]):
     distill = table.pop("distill", False)
     found: list[Param] = []
     _collect(f"{path}: [finetune]", "finetune", table, found)
-    first = {p.name: p.values[0] for p in found}
-    for values in [first] + [{**first, p.name: v} for p in found for v in p.extremes()[1:]]:
+    for values in _variants(found):
         concrete = fill(table, values, "finetune")
         if concrete.get("max_steps") == 0:
             concrete.pop("max_steps")  # no fine-tune at all; the other fields are still checked
@@ -273,8 +276,7 @@ def _read_export(path, spec: dict, params: list[Param]) -> dict | None:
                          "(each trial's artefact goes to a folder of the search's own)")
     found: list[Param] = []
     _collect(f"{path}: [export]", "export", table, found)
-    first = {p.name: p.values[0] for p in found}
-    for values in [first] + [{**first, p.name: v} for p in found for v in p.extremes()[1:]]:
+    for values in _variants(found):
         _check_export(path, {**fill(table, values, "export"), "path": "artefact"})
     if optional:
         found.append(Param("export.use", "choice", (True, False)))
