@@ -1,6 +1,7 @@
 """graphprune search: job checks, repeatability, the prefix cache, the front, workers sharing a journal, a killed worker."""
 
 import importlib.util
+import json
 import signal
 import subprocess
 import sys
@@ -126,19 +127,40 @@ def test_a_seeded_search_is_repeatable_and_its_front_is_optunas(tmp_path, checkp
         results.append(graphprune.search(path, progress=False, log=lambda *a: None))
         trials = trials_of(path)
         assert sum(t.state.name == "COMPLETE" for t in trials) == 5
-    assert len(builds) == 2 * 5  # the report kept each front member's graph from its trial: none built again
     a, b = results
     assert [(t["params"], t["metrics"]) for t in a["trials"]] == [(t["params"], t["metrics"]) for t in b["trials"]]
-    # the front against Optuna's own (no constraints here)
+    fresh = sum("repeat_of" not in t for t in a["trials"])
+    assert len(builds) == 2 * fresh  # a repeated pipeline is not built again, nor a front member by the report
+    # the front against Optuna's own (no constraints here), a repeated pipeline counted once
     job = read_search_job(tmp_path / "a" / "job.toml")
     study = open_study(job, open_storage(job))
     ours = {t.number for t in pareto_front(job, study.get_trials(states=(optuna().trial.TrialState.COMPLETE,)))}
-    assert ours == {t.number for t in study.best_trials} == {m["trial"] for m in a["front"]}
+    assert ours == {t.number for t in study.best_trials if "repeat_of" not in t.user_attrs} == {m["trial"] for m in a["front"]}
     # each front member's run file reproduces its test accuracy
     member = a["front"][0]
     table = run_file(member["run_file"], log=lambda *a: None)
     assert table.rows[-1]["accuracy"] == member["test_accuracy"]
     assert (tmp_path / "a" / "job_search" / "search.json").is_file() and (tmp_path / "a" / "job_search" / "pareto.png").is_file()
+
+
+def test_a_pipeline_drawn_again_is_not_built_again_and_keeps_its_figures(tmp_path, checkpoint, monkeypatch):
+    builds = []
+    original = Worker.build
+    monkeypatch.setattr(Worker, "build", lambda self, *args: builds.append(json.dumps(args[:2], sort_keys=True)) or original(self, *args))
+    # 2 sparsities x (no quantize, or quantize at 2 widths): 8 parameter sets, 6 pipelines; 8 draws repeat at least two
+    passes = PASSES.replace('method = { choice = ["l1", "random"] }', 'method = "l1"').replace("range = [0.1, 0.8], step = 0.1", "choice = [0.3, 0.6]")
+    path = write_job(tmp_path, checkpoint, search='trials = 8\nsampler = "random"', passes=passes)
+    result = graphprune.search(path, progress=False, log=lambda *a: None)
+    trials = {t["number"]: t for t in result["trials"]}
+    repeats = [t for t in trials.values() if "repeat_of" in t]
+    assert len(trials) == 8 and len(repeats) >= 2
+    assert len(builds) == len(set(builds)) == 8 - len(repeats)  # each pipeline built once
+    for t in repeats:
+        first = trials[t["repeat_of"]]
+        assert first["metrics"] == t["metrics"] and "repeat_of" not in first
+        assert first["params"]["prune_weight.sparsity"] == t["params"]["prune_weight.sparsity"]
+        assert first["params"]["quantize.use"] == t["params"]["quantize.use"]
+    assert all("repeat_of" not in trials[m["trial"]] for m in result["front"])
 
 
 @needs_rt

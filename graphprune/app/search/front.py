@@ -11,7 +11,8 @@ def feasible(trial) -> bool:
 
 
 def pareto_front(job: SearchJob, trials: list) -> list:
-    """Non-dominated completed trials, among the feasible ones when there are any."""
+    """Non-dominated completed trials, among the feasible ones when there are any; a repeated pipeline once."""
+    trials = [t for t in trials if "repeat_of" not in t.user_attrs]
     pool = [t for t in trials if feasible(t)] or trials
     signs = [1 if METRICS[o] == "maximize" else -1 for o in job.objectives]
 
@@ -28,7 +29,7 @@ def pareto_front(job: SearchJob, trials: list) -> list:
 
 def best_trial(job: SearchJob, trials: list):
     """Under the constraints, the best by the objective after accuracy (the first one if accuracy is alone)."""
-    pool = [t for t in trials if feasible(t)]
+    pool = [t for t in trials if feasible(t) and "repeat_of" not in t.user_attrs]
     if not pool:
         return None
     others = [o for o in job.objectives if o != "accuracy"]

@@ -133,7 +133,8 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
     result = {"study": job.study, "objectives": list(job.objectives), "constraints": job.constraints, "completed": len(done),
               "failed": len(failed), "reference": reference, "front": members, "best": None if best is None else best.number,
               "cache": {"hits": worker.cache.hits, "pass_runs": worker.cache.runs},
-              "trials": [{"number": t.number, "params": t.params, "metrics": t.user_attrs.get("metrics"), "feasible": feasible(t)} for t in done]}
+              "trials": [{"number": t.number, "params": t.params, "metrics": t.user_attrs.get("metrics"), "feasible": feasible(t),
+                         **({"repeat_of": t.user_attrs["repeat_of"]} if "repeat_of" in t.user_attrs else {})} for t in done]}
     _atomic_write(out / "search.json", json.dumps(result, indent=2, default=str))
     log(str(table))
     log(f"best under the constraints: {'none feasible' if best is None else f'trial {best.number}, checkpoint ' + str(out / 'best')}; "

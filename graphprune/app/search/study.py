@@ -200,17 +200,33 @@ class Worker:
         trial.set_user_attr("steps", [[name, config] for name, config in steps])
         trial.set_user_attr("finetune", options)
         trial.set_user_attr("export", export)
-        graph = self.build(steps, options, export, self.artefact_folder(trial.number) if export else None)
-        values = measure(graph, self.reference, self.wanted)
+        earlier = self.same_pipeline(trial)
+        if earlier is not None:  # samplers draw a pipeline again (TPE often does): its figures, not another build
+            trial.set_user_attr("repeat_of", earlier.number)
+            graph, values = self.kept.get(earlier.number), dict(earlier.user_attrs["metrics"])
+        else:
+            graph = self.build(steps, options, export, self.artefact_folder(trial.number) if export else None)
+            values = measure(graph, self.reference, self.wanted)
         trial.set_user_attr("metrics", values)
         for key, bound in self.job.constraints.items():  # Optuna's samplers read them: feasible when <= 0
             trial.set_constraint(key, values[key] - bound)
         return [values[o] for o in self.job.objectives], graph
 
+    @staticmethod
+    def same_pipeline(trial):
+        """A completed trial that ran the same steps, fine-tune and export (parameters of unused passes aside)."""
+        op = optuna()
+        pipeline = [trial.user_attrs.get(k) for k in ("steps", "finetune", "export")]
+        for done in trial.study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE,)):
+            if "metrics" in done.user_attrs and [done.user_attrs.get(k) for k in ("steps", "finetune", "export")] == pipeline:
+                return done
+        return None
+
     def keep(self, study, number: int, graph) -> None:
         """Keep the graph of a trial while it is on the front (a few graphs, not one per trial)."""
         op = optuna()
-        self.kept[number] = graph
+        if graph is not None:
+            self.kept[number] = graph
         front = {t.number for t in pareto_front(self.job, study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE,)))}
         for n in [n for n in self.kept if n not in front]:
             dropped = self.kept.pop(n)
