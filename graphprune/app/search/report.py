@@ -85,7 +85,8 @@ def _pipeline(trial) -> str:
 
 
 def report(job: SearchJob, study, worker, *, log=print) -> dict:
-    """Tabulate the front, re-run its members on the test split, write the files; returns what was written and measured."""
+    """Tabulate the front, re-run its members on the test split, write the files; returns what was written and measured,
+    with ``graphs``: each front member's graph (an :class:`Exported` when it exports), by trial number, in memory only."""
     import optuna
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -94,7 +95,7 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
     front = pareto_front(job, done)
     best = best_trial(job, done)
     test = worker.splits["test"].subset(job.data.get("test_limit"))
-    rows, members = [], []
+    rows, members, graphs = [], [], {}
     wanted = set(job.objectives) | set(job.constraints)
     for trial in front:
         graph = worker.kept.get(trial.number)  # built by this worker during the search, or built again here
@@ -112,6 +113,7 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
         if "latency" in again:
             row["latency_rerun"] = round(again["latency"], 4)
         rows.append(row)
+        graphs[trial.number] = graph
         members.append({**row, "run_file": str(run_path), "steps": trial.user_attrs["steps"], "finetune": trial.user_attrs.get("finetune"),
                         "export": trial.user_attrs.get("export")})
         if best is not None and trial.number == best.number:
@@ -139,4 +141,4 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
     log(str(table))
     log(f"best under the constraints: {'none feasible' if best is None else f'trial {best.number}, checkpoint ' + str(out / 'best')}; "
         f"front run files in {out / 'front'}" + (f"; plot {out / 'pareto.png'}" if plotted else ""))
-    return {**result, "table": table, "output": out}
+    return {**result, "table": table, "output": out, "graphs": graphs}
