@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	mkdir -p $(dir $@) && touch $@
 
 test: install
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n 2  # two worker processes (pytest-xdist)
 
 # The main job on the shipped model and data (builds and caches the baseline first if needed).
 demo: install

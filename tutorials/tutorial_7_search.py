@@ -19,7 +19,7 @@ objectives and the constraints. This tutorial:
 
 The full run uses the cached fine-tuned baseline (built on first use) and 12 trials
 (about 15 minutes on 2 cores); ``--quick`` (what the tests run) starts from MiniLM with
-an untrained head and 3 small trials: it shows the workflow, not the numbers.
+an untrained head and 2 small trials: it shows the workflow, not the numbers.
 """
 
 import argparse
@@ -43,7 +43,7 @@ test_limit = {64 if quick else 1066}
 max_length = 64
 
 [search]
-trials = {3 if quick else 12}
+trials = {2 if quick else 12}
 sampler = "tpe"
 seed = 0
 objectives = ["accuracy", "latency"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from ...ir.summary import Summary
 from .front import best_trial, feasible, pareto_front
 from .job import SearchJob
-from .objectives import Exported, measure, needs_commit
+from .objectives import Exported, measure
 
 
 HOUSEKEEPING = {"progress", "num_samples", "score_samples", "reconstruct_samples", "batch_size", "seed"}  # not shown in the table
@@ -120,11 +120,7 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
             if isinstance(graph, Exported):  # the artefact beside the checkpoint of the graph it came from
                 _replace_folder(graph.folder, out / "best_artefact")
                 graph = graph.graph
-            if needs_commit(graph):
-                from ...infra.pipeline import run_pass
-
-                graph, _ = run_pass(graph, "commit_masks")
-            graph.save(out / "best")
+            graph.save(out / "best")  # masks already committed by the worker's build
     if best is not None and all(m["trial"] != best.number for m in members):  # best is always on the front; kept for safety
         log(f"search: the best trial {best.number} is not on the front")
     reference = {"validation": round(worker.reference.accuracy, 4), "test": round(worker.reference.score(worker.dense, test), 4)}

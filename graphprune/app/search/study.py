@@ -25,12 +25,12 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from ...infra.pipeline import run_pipeline
+from ...infra.pipeline import run_pass, run_pipeline
 from ...training.calibration import CalibrationData
 from ...training.finetune import finetune
 from .front import pareto_front
 from .job import SearchJob, sample
-from .objectives import METRICS, Exported, Reference, measure
+from .objectives import METRICS, Exported, Reference, measure, needs_commit
 
 HEARTBEAT_S, GRACE_S = 10, 30  # RDB heartbeats: a trial silent for GRACE_S seconds is failed
 
@@ -182,6 +182,8 @@ class Worker:
             finetune(graph, self.splits["train"], self.tokenizer, teacher=teacher, **{"max_length": self.max_length, "progress": False, **finetune_options})
         if cut < len(steps):
             graph, _ = run_pipeline(graph, steps[cut:], data=self.cache.data)
+        if needs_commit(graph):  # measured as it ships: masks folded into the weights, not multiplied in each call
+            graph, _ = run_pass(graph, "commit_masks")
         if export is None:
             return graph
         options = {k: v for k, v in export.items() if k != "format"}
