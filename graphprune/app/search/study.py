@@ -205,7 +205,7 @@ class Worker:
         earlier = self.same_pipeline(trial)
         if earlier is not None:  # samplers draw a pipeline again (TPE often does): its figures, not another build
             trial.set_user_attr("repeat_of", earlier.number)
-            graph, values = self.kept.get(earlier.number), dict(earlier.user_attrs["metrics"])
+            graph, values = None, dict(earlier.user_attrs["metrics"])  # None: the first trial keeps its graph (and artefact)
         else:
             graph = self.build(steps, options, export, self.artefact_folder(trial.number) if export else None)
             values = measure(graph, self.reference, self.wanted)
