@@ -37,7 +37,7 @@ class Summary:
 
     def __str__(self) -> str:
         cells = [[_fmt(row.get(c)) for c in self.columns] for row in self.rows]
-        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(self.columns)]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(self.columns)]  # no rows: the header
         line = "  ".join("-" * w for w in widths)
 
         def render(values):

@@ -213,8 +213,9 @@ def test_on_an_rdb_a_killed_workers_trial_is_failed_by_its_stale_heartbeat(tmp_p
         deadline = time.time() + 120
         while time.time() < deadline:
             time.sleep(0.5)
-            if (tmp_path / "study.db").exists() and any(t.state.name == "RUNNING" for t in open_study(job, open_storage(job, storage)).get_trials()):
-                break
+            if (tmp_path / "study.db").exists() and any(t.state.name == "RUNNING" and "worker" in t.user_attrs
+                                                        for t in open_study(job, open_storage(job, storage)).get_trials()):
+                break  # claimed: its first heartbeat is recorded before its worker attribute
         else:
             pytest.fail("the worker never started a trial")
     finally:

@@ -238,7 +238,7 @@ class Worker:
     def work(self, study, storage, *, progress=None, log=print) -> int:
         """Claim and run trials until the study has ``trials`` completed or running; returns how many this worker ran."""
         op = optuna()
-        from optuna.storages._heartbeat import get_heartbeat_thread  # what study.optimize runs around each trial
+        from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # what study.optimize uses
 
         ran, host = 0, socket.gethostname()
         while True:
@@ -248,6 +248,8 @@ class Worker:
                 if len(busy) >= self.job.trials:
                     return ran
                 trial = study.ask()
+                if is_heartbeat_enabled(storage):  # at once: a worker killed before its heartbeat thread starts is still found
+                    storage.record_heartbeat(trial._trial_id)
                 trial.set_user_attr("worker", f"{host}:{os.getpid()}")
             earlier = [t for t in busy if t.number < trial.number]
             if len(earlier) >= self.job.trials:  # another machine claimed the last one meanwhile (RDB, no shared lock)
