@@ -32,7 +32,6 @@ Run: ``python bench/search.py [--trials 16] [--quick]``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -199,7 +198,6 @@ def main() -> None:
         suffix = "_quick" if args.quick else ""
         if (result["output"] / "pareto.png").exists():
             shutil.copyfile(result["output"] / "pareto.png", RESULTS / f"search_pareto{suffix}.png")
-        best = next((m for m in result["front"] if m["trial"] == result["best"]), None)
         job_spec = job.read_text()
     front = [{**m, "speedup": 1 / m.get("latency_rerun", m["latency"]),
               "drop_points": round((dense_test - m["test_accuracy"]) * 100, 2)} for m in result["front"]]

@@ -218,11 +218,12 @@ class Worker:
     def same_pipeline(trial):
         """A completed trial that ran the same steps, fine-tune and export (parameters of unused passes aside)."""
         op = optuna()
-        pipeline = [trial.user_attrs.get(k) for k in ("steps", "finetune", "export")]
-        for done in trial.study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE,)):
-            if "metrics" in done.user_attrs and [done.user_attrs.get(k) for k in ("steps", "finetune", "export")] == pipeline:
-                return done
-        return None
+
+        def pipeline(t):
+            return [t.user_attrs.get(k) for k in ("steps", "finetune", "export")]
+
+        done = trial.study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE,))
+        return next((t for t in done if "metrics" in t.user_attrs and pipeline(t) == pipeline(trial)), None)
 
     def keep(self, study, number: int, graph) -> None:
         """Keep the graph of a trial while it is on the front (a few graphs, not one per trial)."""
