@@ -38,6 +38,57 @@ def log(*args):
     print(*args, flush=True)
 
 
+def sensitivity(base, calibration, granularity: str = "layer", *, num_samples: int = 96, subsets: int = 3, iterations: int = 10,
+                trace_samples: int = 4, quick: bool = False):
+    """``hessian_sensitivity`` on the baseline: (the measured graph, its table, seconds)."""
+    began = time.perf_counter()
+    measured, info = graphprune.run_pass(base, "hessian_sensitivity", {
+        "granularity": granularity, "num_samples": 32 if quick else num_samples, "subsets": 1 if quick else subsets,
+        "iterations": 3 if quick else iterations, "tolerance": 1e-2, "trace_samples": 1 if quick else trace_samples}, data=calibration)
+    return measured, info["table"], time.perf_counter() - began
+
+
+def compare_widths(measured, base, train, tokenizer, accuracy, *, bits=(4.0, 6.0), widths=None, qat_steps: int = 100,
+                   granularity: str = "layer", quick: bool = False) -> list[dict]:
+    """Uniform against mixed widths at each average, one row each; ``accuracy(graph, split)`` scores one split.
+
+    ``qat_steps`` of distilled QAT on ``train`` follow each PTQ (0: PTQ only)."""
+    rows = []
+    for average in bits:
+        variants = [("uniform", {"widths": [int(average)], "criterion": "eigenvalue"})] if average == int(average) else []
+        chosen = {"widths": widths} if widths else {}
+        variants += [("mixed (trace)", {"criterion": "trace", **chosen}), ("mixed (eigenvalue)", {"criterion": "eigenvalue", **chosen})]
+        for label, options in variants:
+            quantized, q = graphprune.run_pass(measured, "mixed_precision", {"average_bits": average, **options})
+            row = {"average_bits": average, "method": label, "bits_used": round(q["average_bits"], 3),
+                   "widths": list(q["widths"].values()) if granularity == "layer" else sorted(set(q["widths"].values())),
+                   "ptq_validation": accuracy(quantized, "validation"), "ptq_test": accuracy(quantized, "test")}
+            if qat_steps:
+                graphprune.finetune(quantized, train, tokenizer, teacher=base, max_steps=4 if quick else qat_steps,
+                                    progress=False)
+                row["qat_validation"], row["qat_test"] = accuracy(quantized, "validation"), accuracy(quantized, "test")
+            log(f"  {average:g} bits {label:<20} PTQ test {row['ptq_test']:.4f}" + (f", QAT test {row['qat_test']:.4f}" if qat_steps else ""))
+            rows.append(row)
+    return rows
+
+
+def four_bit_target(rows: list[dict]) -> dict | None:
+    """Issue 20's target: mixed precision at 4 average bits more accurate on test than uniform 4-bit after PTQ."""
+    uniform4 = next((r for r in rows if r["average_bits"] == 4 and r["method"] == "uniform"), None)
+    mixed4 = [r for r in rows if r["average_bits"] == 4 and r["method"].startswith("mixed")]
+    if not (uniform4 and mixed4):
+        return None
+    best = max(mixed4, key=lambda r: r["ptq_validation"])  # the criterion chosen on the validation split
+    target = {"mixed_4bit_ptq_test": best["ptq_test"], "criterion": best["method"], "uniform_4bit_ptq_test": uniform4["ptq_test"],
+              "met": best["ptq_test"] > uniform4["ptq_test"]}
+    target["line"] = (f"Target: mixed precision at 4 average bits more accurate than uniform 4-bit after PTQ: {best['method']} "
+                      f"{best['ptq_test']:.4f} vs {uniform4['ptq_test']:.4f}: {'met' if target['met'] else 'NOT met'}")
+    return target
+
+
+COLUMNS = ["average_bits", "method", "bits_used", "widths", "ptq_validation", "ptq_test"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--granularity", choices=("layer", "linear"), default="layer")
@@ -60,54 +111,33 @@ def main() -> None:
     validation = splits["validation"].subset(128) if args.quick else splits["validation"]
     test = splits["test"].subset(128) if args.quick else splits["test"]
 
-    def accuracy(graph, data) -> float:
-        return graphprune.evaluate(graph, data, tokenizer, progress=False)["accuracy"]
+    scored = {"validation": validation, "test": test}
 
-    dense = {"validation": accuracy(base, validation), "test": accuracy(base, test)}
+    def accuracy(graph, split: str) -> float:
+        return graphprune.evaluate(graph, scored[split], tokenizer, progress=False)["accuracy"]
+
+    dense = {"validation": accuracy(base, "validation"), "test": accuracy(base, "test")}
     log(f"MiniLM baseline: validation {dense['validation']:.4f}, test {dense['test']:.4f}")
     calibration = CalibrationData(splits["train"], tokenizer, batch_size=32)
-    began = time.perf_counter()
     name = f"mixed_precision{'_quick' if args.quick else ''}{'' if args.granularity == 'layer' else '_linear'}"
     if args.reuse_sensitivity:
         measured = base.copy()
         measured.meta["sensitivity"] = json.loads((RESULTS / f"{name}.json").read_text())["sensitivity"]
-        info = {"table": f"(the sensitivity of {RESULTS / f'{name}.json'})"}
+        sensitivity_table, sensitivity_seconds = f"(the sensitivity of {RESULTS / f'{name}.json'})", 0.0
     else:
-        measured, info = graphprune.run_pass(base, "hessian_sensitivity", {
-            "granularity": args.granularity, "num_samples": 32 if args.quick else args.num_samples, "subsets": 1 if args.quick else args.subsets,
-            "iterations": 3 if args.quick else args.iterations, "tolerance": 1e-2, "trace_samples": 1 if args.quick else args.trace_samples}, data=calibration)
-    sensitivity_seconds = time.perf_counter() - began
-    log(info["table"])
+        measured, sensitivity_table, sensitivity_seconds = sensitivity(
+            base, calibration, args.granularity, num_samples=args.num_samples, subsets=args.subsets, iterations=args.iterations,
+            trace_samples=args.trace_samples, quick=args.quick)
+    log(sensitivity_table)
     log(f"hessian_sensitivity: {sensitivity_seconds:.0f} s" + (" (read, not measured)" if args.reuse_sensitivity else ""))
-
-    rows = []
-    for bits in args.bits:
-        variants = [("uniform", {"widths": [int(bits)], "criterion": "eigenvalue"})] if bits == int(bits) else []
-        chosen = {"widths": args.widths} if args.widths else {}
-        variants += [("mixed (trace)", {"criterion": "trace", **chosen}), ("mixed (eigenvalue)", {"criterion": "eigenvalue", **chosen})]
-        for label, options in variants:
-            quantized, q = graphprune.run_pass(measured, "mixed_precision", {"average_bits": bits, **options})
-            row = {"average_bits": bits, "method": label, "bits_used": round(q["average_bits"], 3),
-                   "widths": list(q["widths"].values()) if args.granularity == "layer" else sorted(set(q["widths"].values())),
-                   "ptq_validation": accuracy(quantized, validation), "ptq_test": accuracy(quantized, test)}
-            if args.qat_steps:
-                graphprune.finetune(quantized, splits["train"], tokenizer, teacher=base, max_steps=4 if args.quick else args.qat_steps,
-                                    progress=False)
-                row["qat_validation"], row["qat_test"] = accuracy(quantized, validation), accuracy(quantized, test)
-            log(f"  {bits:g} bits {label:<20} PTQ test {row['ptq_test']:.4f}" + (f", QAT test {row['qat_test']:.4f}" if args.qat_steps else ""))
-            rows.append(row)
-    columns = ["average_bits", "method", "bits_used", "widths", "ptq_validation", "ptq_test"] + (["qat_validation", "qat_test"] if args.qat_steps else [])
+    rows = compare_widths(measured, base, splits["train"], tokenizer, accuracy, bits=args.bits, widths=args.widths,
+                                  qat_steps=args.qat_steps, granularity=args.granularity, quick=args.quick)
+    columns = COLUMNS + (["qat_validation", "qat_test"] if args.qat_steps else [])
     log(f"\nWeight widths, MiniLM on Rotten Tomatoes (dense test {dense['test']:.4f}); sensitivity per {args.granularity}")
     log(table(rows, columns, digits=4))
-    uniform4 = next((r for r in rows if r["average_bits"] == 4 and r["method"] == "uniform"), None)
-    mixed4 = [r for r in rows if r["average_bits"] == 4 and r["method"].startswith("mixed")]
-    target = None
-    if uniform4 and mixed4:
-        best = max(mixed4, key=lambda r: r["ptq_validation"])  # the criterion chosen on the validation split
-        target = {"mixed_4bit_ptq_test": best["ptq_test"], "criterion": best["method"], "uniform_4bit_ptq_test": uniform4["ptq_test"],
-                  "met": best["ptq_test"] > uniform4["ptq_test"]}
-        log(f"\nTarget: mixed precision at 4 average bits more accurate than uniform 4-bit after PTQ: {best['method']} "
-            f"{best['ptq_test']:.4f} vs {uniform4['ptq_test']:.4f}: {'met' if target['met'] else 'NOT met'}")
+    target = four_bit_target(rows)
+    if target:
+        log("\n" + target["line"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     default_run = args.bits == [4.0, 6.0] and not args.widths
     path = RESULTS / f"{name}{'' if default_run else '_bits_' + '_'.join(f'{b:g}' for b in args.bits)}.json"  # (the defaults' file keeps its name)

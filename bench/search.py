@@ -14,7 +14,10 @@ One run on the cached fine-tuned baseline:
 3. two comparisons, each timed side by side with the dense graph: as the target reads
    (the fastest front member within 1 point on the test split against the fastest
    hand-picked pipeline within 1 point on the test split: both chosen on test), and as a
-   user would choose (both within 1 point on the validation split, reported on test).
+   user would choose (both within 1 point on the validation split, reported on test);
+4. Hessian mixed precision against uniform weight widths at 4 and 6 average bits after
+   PTQ (``bench/mixed_precision.py``'s comparison, without its QAT: ``--mixed-qat-steps``
+   adds it), so that the issue's whole benchmark is one run.
 
 The search's constraint is 2 points on the validation split (1,297 snippets, where a
 point is 13 of them and the pruned graphs lose more than on test), so that its front
@@ -24,9 +27,9 @@ Every latency is batch 8 of real snippets (padded to their longest, at most 128 
 median of interleaved calls. Prints the tables and the target both ways (the search's fastest within
 1 point at least 15% faster than the fastest hand-picked one within the same point), writes ``bench/results/search.json``, ``search.png`` (test accuracy against
 speed-up: the front and the hand-picked points) and ``search_pareto.png`` (Optuna's plot,
-validation split). Mixed precision against uniform widths is ``bench/mixed_precision.py``.
+validation split).
 
-Run: ``python bench/search.py [--trials 16] [--quick]``.
+Run: ``python bench/search.py [--trials 18] [--mixed-qat-steps 0] [--no-mixed-precision] [--quick]``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_minilm, load_tokenizer
 from graphprune.training.timing import compare_latency, time_interleaved
 from graphprune.app.workflow import latency_batch
+from mixed_precision import COLUMNS as WIDTH_COLUMNS, compare_widths, four_bit_target, sensitivity  # bench/mixed_precision.py
 from report import machine as describe_machine, machine_line, save_figure, table, write_json  # bench/report.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -82,7 +86,7 @@ cache_size = 6
 [[passes]]
 name = "structured_search"
 method = "kprune"
-flops = {{ choice = [0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5] }}
+flops = {{ choice = [0.2, 0.25, 0.3, 0.35, 0.4, 0.5] }}
 progress = false
 {samples}
 [[passes]]
@@ -99,7 +103,7 @@ activations = {{ choice = ["static", "dynamic"] }}
 
 [finetune]
 distill = true
-max_steps = {{ choice = {[0, 2] if quick else [0, 60, 120]} }}
+max_steps = {{ choice = {[0, 2] if quick else [0, 60, 120, 240]} }}
 learning_rate = {RECOVERY['learning_rate']}
 warmup_ratio = {RECOVERY['warmup_ratio']}
 """
@@ -155,7 +159,9 @@ def plot(hand_rows: list[dict], front: list[dict], dense_test: float, path: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=16)
+    parser.add_argument("--trials", type=int, default=18)
+    parser.add_argument("--mixed-qat-steps", type=int, default=0, help="distilled QAT steps after each mixed-precision PTQ (0: PTQ only)")
+    parser.add_argument("--no-mixed-precision", action="store_true", help="skip part 4")
     parser.add_argument("--quick", action="store_true", help="a smoke run (MiniLM with an untrained head, small samples); its numbers are not the benchmark's")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -240,6 +246,17 @@ def main() -> None:
             f"search {c['faster_than_peer']:.3f}x the hand-picked")
     target = {"ms": {k: round(v, 3) for k, v in ms.items()}, **comparisons, "met": comparisons["test"]["met"]}
 
+    widths, widths_target, widths_seconds = [], None, 0.0
+    if not args.no_mixed_precision:
+        log("\n4. mixed precision against uniform widths")
+        began = time.perf_counter()
+        measured, sensitivity_table, hessian_seconds = sensitivity(base, CalibrationData(splits["train"], tokenizer, batch_size=32), quick=args.quick)
+        log(sensitivity_table + f"\nhessian_sensitivity: {hessian_seconds:.0f} s")
+        scored = {"validation": validation, "test": test}
+        widths = compare_widths(measured, base, splits["train"], tokenizer, lambda g, split: accuracy(g, scored[split]),
+                                qat_steps=args.mixed_qat_steps, quick=args.quick)
+        widths_target, widths_seconds = four_bit_target(widths), time.perf_counter() - began
+
     log(f"\nHand-picked pipelines, MiniLM on Rotten Tomatoes, test split (dense {dense_test:.4f}); speed-up over dense eager fp32, batch 8")
     log(table(hand_rows, ["pipeline", "val_accuracy", "val_drop_points", "test_accuracy", "drop_points", "speedup"], digits=4))
     log(f"\nSearch front ({result['completed']} trials, {result['failed']} failed; prefix cache {result['cache']}), validation then test")
@@ -249,8 +266,13 @@ def main() -> None:
         verdict = f"not measured ({c['missing']} within 1 point)" if "missing" in c else \
             f"{c['faster_than_peer']:.3f}x the hand-picked: {'met' if c['met'] else 'NOT met'}"
         log(f"Target, {words}: the search's fastest at least 15% faster than the hand-picked fastest: {verdict}")
+    if widths:
+        log(f"\nWeight widths after PTQ{f' and {args.mixed_qat_steps} QAT steps' if args.mixed_qat_steps else ''}: uniform against Hessian mixed precision")
+        log(table(widths, WIDTH_COLUMNS + (["qat_validation", "qat_test"] if args.mixed_qat_steps else []), digits=4))
+        log(widths_target["line"])
     seconds = time.perf_counter() - start
-    log(f"Whole benchmark {seconds / 60:.1f} min (hand-picked {hand_seconds:.0f} s, search and its test re-run {search_seconds:.0f} s); "
+    log(f"Whole benchmark {seconds / 60:.1f} min (hand-picked {hand_seconds:.0f} s, search and its test re-run {search_seconds:.0f} s, "
+        f"mixed precision {widths_seconds:.0f} s); "
         f"target under 60 min: {'met' if seconds <= 3600 else 'NOT met'}")
     suffix = "_quick" if args.quick else ""
     plot(hand_rows, front, dense_test, RESULTS / f"search{suffix}.png")
@@ -258,7 +280,9 @@ def main() -> None:
         "machine": machine, "dense_test": dense_test, "dense_validation": dense_val, "job": job_spec, "hand_picked": hand_rows,
         "front": [{k: v for k, v in m.items() if k != "run_file"} for m in front], "best": result["best"],
         "trials": result["trials"], "cache": result["cache"], "target": target,
-        "seconds": {"hand_picked": round(hand_seconds, 1), "search": round(search_seconds, 1), "total": round(seconds, 1)}})
+        "mixed_precision": {"rows": widths, "target": widths_target, "qat_steps": args.mixed_qat_steps},
+        "seconds": {"hand_picked": round(hand_seconds, 1), "search": round(search_seconds, 1), "mixed_precision": round(widths_seconds, 1),
+                    "total": round(seconds, 1), "met_60_min": seconds <= 3600}})
     log(f"wrote {RESULTS / f'search{suffix}.json'} and search{suffix}.png")
 
 
