@@ -6,7 +6,8 @@ objectives and the constraints. This tutorial:
 
 1. writes a job: K-prune's FLOPs budget as a range, unstructured sparsity as a range
    (an optional step), objectives validation accuracy and measured latency, at most
-   1 point lost on the validation split;
+   1 point lost on the validation split; a known pipeline (K-prune at half the FLOPs,
+   no sparsity) enqueued as the first trial;
 2. runs the search (TPE, a fixed seed; the study lives in a journal file beside the
    job, so stopping and rerunning resumes it; ``--workers`` or an RDB ``--storage``
    spread it over processes and machines);
@@ -49,6 +50,7 @@ seed = 0
 objectives = ["accuracy", "latency"]
 constraints = {{ accuracy_drop = {50.0 if quick else 1.0} }}   # points on the validation subset
 latency = {{ batch_size = 8, max_length = 128, iters = {3 if quick else 10} }}
+enqueue = [{{ "structured_search.flops" = 0.5, "prune_weight.use" = false }}]   # first: a known pipeline
 
 [[passes]]
 name = "structured_search"

@@ -90,6 +90,12 @@ def trials_of(path):
         ("", PASSES + '[export]\nformat = "tflite"', ["export", "tflite", "onnx"]),
         ("", PASSES + '[export]\nformat = "onnx"\npath = "x"', ["[export]", "path", "folder"]),
         ("", PASSES + '[export]\nformat = "aoti"\nquantize = { choice = ["dynamic"] }', ["quantize", "onnx"]),
+        ('enqueue = [{ "prune_weight.sparsty" = 0.5 }]', PASSES, ["enqueue 1", "prune_weight.sparsty", "prune_weight.sparsity"]),
+        ('enqueue = [{ prune_weight.method = "l2" }]', PASSES, ["enqueue 1", "prune_weight.method", "'l2'", "one of ['l1', 'random']"]),
+        ('enqueue = [{ "quantize.use" = true }, { "prune_weight.sparsity" = 0.85 }]', PASSES, ["enqueue 2", "0.85", "[0.1, 0.8]"]),
+        ('enqueue = [{ "prune_weight.sparsity" = 0.25 }]', PASSES, ["enqueue 1", "0.25", "steps of 0.1"]),
+        ('enqueue = [{ "quantize.use" = 1 }]', PASSES, ["enqueue 1", "quantize.use", "[True, False]"]),
+        ("enqueue = [{}]", PASSES, ["enqueue", "non-empty tables"]),
     ],
 )
 def test_bad_jobs_are_clear_errors_before_any_trial(tmp_path, checkpoint, search, passes, words):
@@ -168,6 +174,53 @@ def test_a_pipeline_drawn_again_is_not_built_again_and_keeps_its_figures(tmp_pat
         assert first["params"]["prune_weight.sparsity"] == t["params"]["prune_weight.sparsity"]
         assert first["params"]["quantize.use"] == t["params"]["quantize.use"]
     assert all("repeat_of" not in trials[m["trial"]] for m in result["front"])
+
+
+@needs_rt
+def test_enqueued_trials_run_first_with_their_values_and_only_once(tmp_path, checkpoint):
+    enqueue = ('enqueue = [{ "prune_weight.method" = "random", "prune_weight.sparsity" = 0.7, "quantize.use" = false },'
+               ' { prune_weight.sparsity = 0.2 }]')  # a quoted dotted name, and TOML's nested spelling of one
+    path = write_job(tmp_path, checkpoint, search=f'trials = 3\nsampler = "random"\n{enqueue}')
+    graphprune.search(path, progress=False, report_front=False, log=lambda *a: None)
+    first, second, third = sorted(trials_of(path), key=lambda t: t.number)
+    assert (first.params["prune_weight.method"], first.params["prune_weight.sparsity"], first.params["quantize.use"]) == ("random", 0.7, False)
+    assert first.user_attrs["steps"] == [["prune_weight", {"method": "random", "sparsity": 0.7}]]
+    assert second.params["prune_weight.sparsity"] == 0.2 and "quantize.use" in second.params  # the rest sampled
+    assert "fixed_params" not in third.system_attrs
+    graphprune.search(path, trials=5, progress=False, report_front=False, log=lambda *a: None)  # resumed: not enqueued again
+    trials = trials_of(path)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 5 and sum("fixed_params" in t.system_attrs for t in trials) == 2
+
+
+@needs_rt
+def test_mixed_precision_in_a_search_reuses_one_sensitivity_and_matches_the_pass_run_directly(tmp_path, checkpoint, monkeypatch):
+    """Hessian mixed precision as a search step: the budget is searched, the sensitivity measured once (a cached prefix)."""
+    from graphprune.app.search.objectives import average_weight_bits
+    from graphprune.training.calibration import CalibrationData
+    from graphprune.training.data import load_dataset
+    from graphprune.training.models import load_tokenizer
+
+    sensitivity = {"num_samples": 8, "subsets": 1, "iterations": 3, "trace_samples": 1}
+    passes = ('[[passes]]\nname = "hessian_sensitivity"\n' + "\n".join(f"{k} = {v}" for k, v in sensitivity.items())
+              + '\n\n[[passes]]\nname = "mixed_precision"\naverage_bits = { choice = [4, 6, 8] }')
+    search = 'trials = 3\nsampler = "random"\nobjectives = ["accuracy", "bits"]\nenqueue = [{ "mixed_precision.average_bits" = 4 }, { "mixed_precision.average_bits" = 8 }]'
+    path = write_job(tmp_path, checkpoint, search=search, passes=passes)
+    runs = []
+    original = Worker.build
+    monkeypatch.setattr(Worker, "build", lambda self, *args: runs.append(self.cache) or original(self, *args))
+    result = graphprune.search(path, progress=False, log=lambda *a: None)
+    cache = runs[-1]
+    fresh = [t for t in result["trials"] if "repeat_of" not in t]
+    assert cache.runs == 1 + len(fresh) and cache.hits == len(fresh) - 1  # hessian_sensitivity ran once
+    dense = graphprune.load(checkpoint)
+    calibration = CalibrationData(load_dataset("rotten_tomatoes")["train"], load_tokenizer(dense.source["tokenizer"]), max_length=16)
+    measured, _ = graphprune.run_pass(dense, "hessian_sensitivity", sensitivity, data=calibration)
+    for trial in fresh[:2]:
+        budget = trial["params"]["mixed_precision.average_bits"]
+        direct, info = graphprune.run_pass(measured, "mixed_precision", {"average_bits": budget})
+        assert trial["metrics"]["bits"] == pytest.approx(average_weight_bits(direct))
+        assert info["average_bits"] <= budget
+    assert [t["params"]["mixed_precision.average_bits"] for t in fresh[:2]] == [4, 8]
 
 
 @needs_rt

@@ -15,6 +15,8 @@
     objectives = ["accuracy", "latency"]
     orders = [["prune", "quant"], ["quant", "prune"]]   # optional: the pass order as a choice, by id
     constraints = { accuracy_drop = 1.0 }               # points of validation accuracy at most
+    enqueue = [{ "structured_search.flops" = 0.3 }]     # optional: trials run first (a known pipeline,
+                                 # a prior); the values they leave out are sampled
     latency = { batch_size = 8, max_length = 128 }
 
     [[passes]]
@@ -56,7 +58,8 @@ from ..run_file import EXPORT_FIELDS, MODEL_NAMES, _check_export, _check_section
 from .objectives import CONSTRAINTS, METRICS
 
 SECTIONS = {"model", "data", "search", "passes", "finetune", "export"}
-SEARCH_FIELDS = {"trials", "sampler", "seed", "objectives", "orders", "constraints", "latency", "study", "storage", "output", "cache_size"}
+SEARCH_FIELDS = {"trials", "sampler", "seed", "objectives", "orders", "constraints", "latency", "study", "storage", "output", "cache_size",
+                 "enqueue"}
 SAMPLERS = ("tpe", "nsga2", "random")
 KINDS = ({"choice"}, {"range"}, {"range", "step"}, {"int"}, {"int", "step"}, {"log"})
 LATENCY_FIELDS = {"batch_size": 8, "max_length": 128, "iters": 10}
@@ -81,6 +84,20 @@ class Param:
 
     def extremes(self) -> list:
         return list(self.values)
+
+    def allows(self, value) -> bool:
+        """Whether ``value`` is one this parameter can take (an enqueued trial's value)."""
+        if self.kind == "choice":
+            return any(value == v and isinstance(value, bool) == isinstance(v, bool) for v in self.values)  # True is not 1
+        if isinstance(value, bool) or not isinstance(value, int if self.kind == "int" else (int, float)):
+            return False
+        lo, hi = self.values
+        if not lo <= value <= hi:
+            return False
+        if self.step is None:
+            return True
+        steps = (value - lo) / self.step
+        return abs(steps - round(steps)) < 1e-9
 
 
 def _is_search_value(value) -> bool:
@@ -152,6 +169,7 @@ class SearchJob:
     storage: str | None
     output: Path
     cache_size: int
+    enqueue: tuple = ()    # dicts of parameter values: trials run first
 
 
 def _integer(path, where: str, value, low: int) -> int:
@@ -227,6 +245,7 @@ def read_search_job(path) -> SearchJob:
         objectives=tuple(objectives), constraints=dict(constraints), latency=latency, study=search.get("study", path.stem),
         storage=search.get("storage"), output=output if output.is_absolute() else path.parent / output,
         cache_size=_integer(path, "[search] cache_size", search.get("cache_size", 4), 0),
+        enqueue=_read_enqueue(path, search.get("enqueue", []), params),
     )
 
 
@@ -282,6 +301,31 @@ def _read_export(path, spec: dict, params: list[Param]) -> dict | None:
         found.append(Param("export.use", "choice", (True, False)))
     params += found
     return {**table, "optional": optional}
+
+
+def _read_enqueue(path, entries, params: list[Param]) -> tuple:
+    """``[search] enqueue``: each entry a table of parameter names and values the trial takes."""
+    by_name = {p.name: p for p in params}
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and e for e in entries):
+        raise ValueError(f"{path}: [search] enqueue = {entries!r} is not allowed; expected a list of non-empty tables of parameter values")
+    flat = [_dotted(e) for e in entries]  # { structured_search.flops = 0.3 } is a nested table in TOML
+    for index, entry in enumerate(flat, start=1):
+        for name, value in entry.items():
+            if name not in by_name:
+                raise ValueError(f"{path}: [search] enqueue {index}: unknown parameter {name!r}; the job's parameters are {sorted(by_name)}")
+            param = by_name[name]
+            if not param.allows(value):
+                allowed = f"one of {list(param.values)}" if param.kind == "choice" else \
+                    f"{'an integer' if param.kind == 'int' else 'a number'} in [{param.values[0]}, {param.values[1]}]" + (f" on steps of {param.step}" if param.step else "")
+                raise ValueError(f"{path}: [search] enqueue {index}: {name} = {value!r} is not allowed; expected {allowed}")
+    return tuple(flat)
+
+
+def _dotted(entry: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in entry.items():
+        out.update(_dotted(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def _read_orders(path, orders, ids: list[str]) -> list[tuple]:

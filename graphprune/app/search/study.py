@@ -79,8 +79,10 @@ def open_study(job: SearchJob, storage, worker: int = 0):
     study = op.create_study(storage=storage, sampler=make_sampler(job, worker), study_name=job.study, load_if_exists=True,
                             directions=[METRICS[o] for o in job.objectives])
     key = study.user_attrs.get("space")
-    if key is None:
+    if key is None:  # a new study: the job's enqueued trials come first (once: a resumed study has its key)
         study.set_user_attr("space", space_key(job))
+        for params in job.enqueue:
+            study.enqueue_trial(params, skip_if_exists=True)
     elif key != space_key(job):
         raise ValueError(f"{job.path}: study {job.study!r} in this storage was searched with another space or other objectives; "
                          "name a new study ([search] study = '...') or remove the old one")
