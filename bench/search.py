@@ -29,7 +29,7 @@ median of interleaved calls. Prints the tables and the target both ways (the sea
 speed-up: the front and the hand-picked points) and ``search_pareto.png`` (Optuna's plot,
 validation split).
 
-Run: ``python bench/search.py [--trials 18] [--mixed-qat-steps 0] [--no-mixed-precision] [--quick]``.
+Run: ``python bench/search.py [--trials 16] [--mixed-qat-steps 0] [--no-mixed-precision] [--quick]``.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def plot(hand_rows: list[dict], front: list[dict], dense_test: float, path: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=18)
+    parser.add_argument("--trials", type=int, default=16)
     parser.add_argument("--mixed-qat-steps", type=int, default=0, help="distilled QAT steps after each mixed-precision PTQ (0: PTQ only)")
     parser.add_argument("--no-mixed-precision", action="store_true", help="skip part 4")
     parser.add_argument("--quick", action="store_true", help="a smoke run (MiniLM with an untrained head, small samples); its numbers are not the benchmark's")
