@@ -38,10 +38,11 @@ def log(*args):
     print(*args, flush=True)
 
 
-def sensitivity(base, calibration, granularity: str = "layer", *, num_samples: int = 96, subsets: int = 3, iterations: int = 10,
+def sensitivity(base, train, tokenizer, granularity: str = "layer", *, num_samples: int = 96, subsets: int = 3, iterations: int = 10,
                 trace_samples: int = 4, quick: bool = False):
-    """``hessian_sensitivity`` on the baseline: (the measured graph, its table, seconds)."""
+    """``hessian_sensitivity`` on the baseline over training snippets: (the measured graph, its table, seconds)."""
     began = time.perf_counter()
+    calibration = CalibrationData(train, tokenizer, batch_size=32)
     measured, info = graphprune.run_pass(base, "hessian_sensitivity", {
         "granularity": granularity, "num_samples": 32 if quick else num_samples, "subsets": 1 if quick else subsets,
         "iterations": 3 if quick else iterations, "tolerance": 1e-2, "trace_samples": 1 if quick else trace_samples}, data=calibration)
@@ -118,7 +119,6 @@ def main() -> None:
 
     dense = {"validation": accuracy(base, "validation"), "test": accuracy(base, "test")}
     log(f"MiniLM baseline: validation {dense['validation']:.4f}, test {dense['test']:.4f}")
-    calibration = CalibrationData(splits["train"], tokenizer, batch_size=32)
     name = f"mixed_precision{'_quick' if args.quick else ''}{'' if args.granularity == 'layer' else '_linear'}"
     if args.reuse_sensitivity:
         measured = base.copy()
@@ -126,12 +126,12 @@ def main() -> None:
         sensitivity_table, sensitivity_seconds = f"(the sensitivity of {RESULTS / f'{name}.json'})", 0.0
     else:
         measured, sensitivity_table, sensitivity_seconds = sensitivity(
-            base, calibration, args.granularity, num_samples=args.num_samples, subsets=args.subsets, iterations=args.iterations,
+            base, splits["train"], tokenizer, args.granularity, num_samples=args.num_samples, subsets=args.subsets, iterations=args.iterations,
             trace_samples=args.trace_samples, quick=args.quick)
     log(sensitivity_table)
     log(f"hessian_sensitivity: {sensitivity_seconds:.0f} s" + (" (read, not measured)" if args.reuse_sensitivity else ""))
     rows = compare_widths(measured, base, splits["train"], tokenizer, accuracy, bits=args.bits, widths=args.widths,
-                                  qat_steps=args.qat_steps, granularity=args.granularity, quick=args.quick)
+                          qat_steps=args.qat_steps, granularity=args.granularity, quick=args.quick)
     columns = COLUMNS + (["qat_validation", "qat_test"] if args.qat_steps else [])
     log(f"\nWeight widths, MiniLM on Rotten Tomatoes (dense test {dense['test']:.4f}); sensitivity per {args.granularity}")
     log(table(rows, columns, digits=4))

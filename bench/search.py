@@ -250,7 +250,7 @@ def main() -> None:
     if not args.no_mixed_precision:
         log("\n4. mixed precision against uniform widths")
         began = time.perf_counter()
-        measured, sensitivity_table, hessian_seconds = sensitivity(base, CalibrationData(splits["train"], tokenizer, batch_size=32), quick=args.quick)
+        measured, sensitivity_table, hessian_seconds = sensitivity(base, splits["train"], tokenizer, quick=args.quick)
         log(sensitivity_table + f"\nhessian_sensitivity: {hessian_seconds:.0f} s")
         scored = {"validation": validation, "test": test}
         widths = compare_widths(measured, base, splits["train"], tokenizer, lambda g, split: accuracy(g, scored[split]),

@@ -20,7 +20,7 @@ import random
 import time
 from pathlib import Path
 
-import torch
+import numpy as np
 
 from graphprune.infra.pipeline import run_pass
 from graphprune.training.baseline import load_baseline
@@ -28,19 +28,17 @@ from graphprune.training.batches import make_batches
 from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_tokenizer
+from deploy import graph_runner, predictions  # bench/deploy.py
 from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@torch.no_grad()
 def correct(graph, data, tokenizer) -> list[bool]:
     """Per snippet, whether the graph's prediction is its label (in the split's order)."""
-    module, out = graph.module.eval(), []
-    for batch in make_batches(data, tokenizer, batch_size=64, max_length=64):
-        logits = module(**batch)["logits"]
-        out += (logits.argmax(-1) == batch["labels"].view(-1)).tolist()
-    return out
+    batches = make_batches(data, tokenizer, batch_size=64, max_length=64)
+    graph.module.eval()
+    return (predictions(graph_runner(graph), batches) == np.asarray(data.labels)).tolist()
 
 
 def movie_interval(groups: list[str], dense: list[bool], pruned: list[bool], resamples: int, seed: int = 0) -> tuple[float, float]:
