@@ -5,9 +5,10 @@ for the table, validation split for every choice. Each method trains for a budge
 stated in epochs of the 10k training snippets (batch 32), distilled from the dense
 baseline:
 
-- ``l0``: ``l0_structured`` (CoFi: heads, sublayers, FFN neurons, hidden dims) at
-  each FLOPs target, trained with logits and layer-wise hidden distillation, then
-  ``commit_gates``;
+- ``l0``: ``l0_structured`` at each FLOPs target (by default gates on heads and FFN
+  neurons started from Fisher ranks; ``--l0-units`` and ``--l0-init`` give CoFi's
+  five kinds of gate and uniform start), trained with logits and layer-wise hidden
+  distillation, then ``commit_gates`` and a fine-tune of the committed graph;
 - ``kprune``: ``structured_search`` K-prune at the FLOPs the learned graph reached,
   then a distilled recovery of the same budget (the retraining-free method given the
   same training);
@@ -120,17 +121,18 @@ def round_trip(graph, inputs) -> dict:
     return {"reload_identical": identical, "onnx_export": exported}
 
 
-def run_l0(setup: Setup, targets, epochs: float, finetune_share: float) -> list[dict]:
+def run_l0(setup: Setup, targets, epochs: float, finetune_share: float, units: list[str], init_from: str) -> list[dict]:
     """CoFi's two phases within one budget: gated training to the target, then the committed graph fine-tuned."""
     rows = []
     for target in targets:
-        graph, _ = graphprune.run_pass(setup.base, "l0_structured", {"target": target})
+        config = {"target": target, "units": units, "init_from": init_from}
+        graph, _ = graphprune.run_pass(setup.base, "l0_structured", config, data=setup.calibration if init_from != "none" else None)
         seconds = setup.finetune(graph, epochs * (1 - finetune_share), kd_hidden_weight=1.0)
         trained = graph.meta["gates"]["trained"]
         committed, info = graphprune.run_pass(graph, "commit_gates")
         if finetune_share > 0:  # logits distillation only: the committed hidden size no longer matches the teacher's
             seconds += setup.finetune(committed, epochs * finetune_share)
-        row = {"method": "l0_structured (CoFi)", "point": f"target {target}", "epochs": epochs, "train_seconds": round(seconds),
+        row = {"method": "l0_structured", "point": f"target {target}", "epochs": epochs, "train_seconds": round(seconds), "units": units, "init_from": init_from,
                "finetune_share": finetune_share, "expected_fraction": round(trained["expected_fraction"], 3),
                "hidden_removed": info["hidden_removed"]}
         layers = committed.summary().rows[1:-2]  # between the embeddings row and the head and total rows
@@ -255,6 +257,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None, help="training budget of the l0 and kprune points, in epochs (default 2)")
     parser.add_argument("--l0-finetune-share", type=float, default=0.25,
                         help="share of the l0 budget spent fine-tuning the committed graph (CoFi's second phase; default 0.25)")
+    parser.add_argument("--l0-units", default="heads,neurons",
+                        help="l0_structured's units (default heads,neurons: at half an epoch the sublayer and hidden gates lost "
+                             "accuracy, see bench/l0_recipe.py; heads,attention,neurons,ffn,hidden is CoFi's)")
+    parser.add_argument("--l0-init", default="fisher", help="l0_structured's init_from (default fisher; none is CoFi's uniform start)")
     parser.add_argument("--other-epochs", type=float, default=None, help="training budget of the other methods' points, in epochs (default 1)")
     parser.add_argument("--quick", action="store_true", help="a smoke run on 256 training snippets; its numbers are not the benchmark's")
     args = parser.parse_args()
@@ -271,7 +277,7 @@ def main() -> None:
     long_budget = 2.0 if args.epochs is None else args.epochs
     short_budget = 1.0 if args.other_epochs is None else args.other_epochs
     if "l0" in methods:
-        l0_rows = run_l0(setup, args.targets, long_budget, args.l0_finetune_share)
+        l0_rows = run_l0(setup, args.targets, long_budget, args.l0_finetune_share, args.l0_units.split(","), args.l0_init)
         rows += l0_rows
         if "kprune" in methods:
             rows += run_kprune(setup, l0_rows, long_budget)

@@ -20,6 +20,12 @@ or parameters of the encoder layers, CoFi's formulas) to ``1 - target``. The
 ``commit_gates`` pass folds the evaluation gates into the weights and removes what
 they closed with ``remove_heads``, ``remove_ffn_neurons`` and ``remove_hidden``
 (``l0_commit``); its output equals the gated graph's at evaluation.
+
+With ``init_from`` the heads' and neurons' gates start ranked by an importance
+(Fisher, Taylor or L1, as ``remove_heads`` ranks them) instead of all at ``init``.
+On MiniLM with half an epoch, heads and neurons started from Fisher ranks lost 0.1
+points of test accuracy at a quarter of the FLOPs where CoFi's five kinds of gate
+from a uniform start lost 6.8 (see the README's learned-compression measurements).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from graphprune.ir.gates import (
 from .blocks import attention_blocks, ffn_blocks, finish_surgery
 from .costs import head_flops, neuron_flops
 from .hidden import GatedLayerNorm, hidden_stream
+from .importance import CRITERIA, unit_scores
 from .l0_commit import commit_l0, describe_l0
 
 PASS = "l0_structured"
@@ -62,6 +69,13 @@ class L0StructuredConfig:
     init: initial log_alpha of every gate (default 3: open with probability 0.99, evaluation value 0.97;
         CoFi's 10 is too far from closing for a budget of one or two epochs, and its 0 for FFN
         neurons halves their evaluation gate before any training).
+    init_from: none | fisher | taylor | l1: rank the heads (and the FFN neurons) of all layers by this importance
+        (``remove_heads``' criteria and global scope: each layer's scores over their L2 norm; fisher and taylor
+        need calibration data) and start each gate at
+        ``init - init_spread * rank`` (rank 0 for the most important unit, 1 for the least), so the Lagrangian
+        closes the least important first; none starts every gate at ``init``.
+    init_spread: how far below ``init`` the least important unit starts (default 4).
+    num_samples: calibration examples for the fisher and taylor scores (default 512).
     """
 
     target: float = 0.5
@@ -70,6 +84,9 @@ class L0StructuredConfig:
     seq_len: int = 128
     temperature: float = 2 / 3
     init: float = 3.0
+    init_from: str = "none"
+    init_spread: float = 4.0
+    num_samples: int = 512
 
     def __post_init__(self):
         check_range("target", self.target, 0, 1, low_open=True, high_open=True)
@@ -79,10 +96,13 @@ class L0StructuredConfig:
         check_range("seq_len", self.seq_len, 1)
         check_range("temperature", self.temperature, *TEMPERATURE_RANGE)
         check_range("init", self.init, -LOG_ALPHA_LIMIT, LOG_ALPHA_LIMIT)
+        check_choice("init_from", self.init_from, ("none", *CRITERIA))
+        check_range("init_spread", self.init_spread, 0, self.init + LOG_ALPHA_LIMIT)
+        check_range("num_samples", self.num_samples, 1)
 
 
 @graphprune.register_pass(PASS, config=L0StructuredConfig)
-def l0_structured(graph, config: L0StructuredConfig):
+def l0_structured(graph, config: L0StructuredConfig, data=None):
     """Put hard-concrete gates on heads, sublayers, FFN neurons and hidden dimensions; train with finetune; commit_gates.
 
     Example:
@@ -103,10 +123,15 @@ def l0_structured(graph, config: L0StructuredConfig):
                 f"pass '{PASS}': {outside[0]} does not write the hidden stream that starts at the {stream.hidden}-wide word "
                 "embeddings (a factorised embedding projects into the layers), so 'hidden' gates cannot apply; choose units without 'hidden'"
             )
+    starts = _ranked_starts(graph, heads, ffns, config, data)  # before any edit: a bad input leaves the graph as it was
     gm = graph.module
 
-    def gate(name, size, shape, before):
-        return add_gate(gm, name, HardConcreteGate(size, shape, config.temperature, config.init).to(graph.device), before)
+    def gate(name, size, shape, before, start=None):
+        module = HardConcreteGate(size, shape, config.temperature, config.init)
+        if start is not None:
+            with torch.no_grad():
+                module.log_alpha.copy_(start)
+        return add_gate(gm, name, module.to(graph.device), before)
 
     record = {"method": PASS, "target": 1.0 - config.target, "metric": config.metric, "seq_len": config.seq_len, "layers": [], "hidden": None}
     z_hidden = None
@@ -119,7 +144,7 @@ def l0_structured(graph, config: L0StructuredConfig):
         layer = {"index": index, "heads": attn.heads, "head_size": attn.head_size, "ffn_width": ffn.width,
                  "out": attn.out.target, "down": ffn.down.target, "gates": {}}
         if "heads" in config.units:
-            z = gate(f"l0_gates.layer_{index}.heads", attn.heads, (1, attn.heads, 1, 1), attn.core)
+            z = gate(f"l0_gates.layer_{index}.heads", attn.heads, (1, attn.heads, 1, 1), attn.core, starts.get(("heads", index)))
             multiply_after(gm, attn.core, z)
             layer["gates"]["heads"] = z.target
         if "attention" in config.units:
@@ -127,7 +152,7 @@ def l0_structured(graph, config: L0StructuredConfig):
             multiply_after(gm, attn.out, z)
             layer["gates"]["attention"] = z.target
         if "neurons" in config.units:
-            z = gate(f"l0_gates.layer_{index}.neurons", ffn.width, (ffn.width,), ffn.up)
+            z = gate(f"l0_gates.layer_{index}.neurons", ffn.width, (ffn.width,), ffn.up, starts.get(("neurons", index)))
             multiply_after(gm, ffn.down.args[0], z)
             layer["gates"]["neurons"] = z.target
         if "ffn" in config.units:
@@ -151,6 +176,26 @@ def l0_structured(graph, config: L0StructuredConfig):
     with torch.no_grad():
         start = float(expected_fraction(graph))
     return graph, {"gates": sum(1 for _ in _gates(graph)), "units": list(config.units), "target_fraction": record["target"], "expected_fraction": start}
+
+
+def _ranked_starts(graph, heads, ffns, config, data) -> dict:
+    """``{(unit, layer): initial log_alpha}`` from the units' importance ranked over all layers (empty for init_from none)."""
+    starts = {}
+    if config.init_from == "none":
+        return starts
+    for unit, blocks in (("heads", heads), ("neurons", ffns)):
+        if unit not in config.units:
+            continue
+        scores = unit_scores(graph, unit, blocks, config.init_from, data, config.num_samples, f"pass '{PASS}' (init_from)")
+        # each layer's scores over their L2 norm, as remove_heads' global scope ranks them (Michel et al.), so
+        # a layer with small gradients does not start all its units low
+        flat = torch.cat([s.double() / (s.double().norm() + 1e-12) for s in scores])
+        rank = torch.empty_like(flat)
+        rank[torch.argsort(flat, descending=True, stable=True)] = torch.arange(len(flat), dtype=flat.dtype)
+        start = (config.init - config.init_spread * rank / max(1, len(flat) - 1)).float()
+        for index, piece in enumerate(torch.split(start, [len(s) for s in scores])):
+            starts[(unit, index)] = piece
+    return starts
 
 
 def _gates(graph):

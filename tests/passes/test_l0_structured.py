@@ -9,8 +9,9 @@ import transformers as tf
 from torch import nn
 
 import graphprune
+from graphprune.training.calibration import CalibrationData
 from graphprune.ir.gates import GATES, HardConcreteGate, gate_method, gate_modules
-from tests.models import TINY, make_biased, make_model, max_diff, padded_inputs, trace_once
+from tests.models import TINY, make_biased, make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once
 
 T = 2 / 3  # the default temperature
 CLOSED, OPEN, SOFT, HALF = -10.0, 10.0, 3.0, 1.0  # SOFT and HALF stay open at evaluation with soft values < 1
@@ -448,6 +449,10 @@ def test_summary_shows_the_gates_while_gated_and_not_after_commit():
         ({"temperature": 0.0}, ["temperature"]),
         ({"temperature": float("nan")}, ["temperature", "nan"]),
         ({"init": 3.4e38}, ["init", "-50.0 <= init <= 50.0"]),
+        ({"init_from": "kprune"}, ["init_from", "kprune", "fisher"]),
+        ({"init_from": "fisher"}, ["init_from", "needs calibration data"]),
+        ({"init_spread": -1.0}, ["init_spread", "0 <= init_spread"]),
+        ({"init_spread": 60.0}, ["init_spread", "53.0"]),
     ],
 )
 def test_bad_configs_are_clear_errors_that_leave_the_graph_untouched(config, words):
@@ -459,6 +464,54 @@ def test_bad_configs_are_clear_errors_that_leave_the_graph_untouched(config, wor
     assert "l0_structured" in message and all(w in message for w in words), message
     assert [n.name for n in dense.module.graph.nodes] == nodes and set(dense.module.state_dict()) == keys
     assert GATES not in dense.meta
+
+
+def our_ranked_starts(scores: list[torch.Tensor], init=3.0, spread=4.0) -> list[torch.Tensor]:
+    """init - spread * rank / (n - 1) over every layer's units, rank 0 the highest score over its layer's L2 norm
+    (written here, not imported)."""
+    flat = torch.cat([s / s.norm() for s in scores])
+    order = sorted(range(len(flat)), key=lambda i: -float(flat[i]))
+    start = torch.empty(len(flat))
+    for rank, i in enumerate(order):
+        start[i] = init - spread * rank / (len(flat) - 1)
+    return list(torch.split(start, [len(s) for s in scores]))
+
+
+def test_init_from_l1_starts_gates_by_the_units_weight_norms_ranked_over_all_layers():
+    model = make_biased()
+    dense = trace_once(model)
+    graph, info = graphprune.run_pass(dense, "l0_structured", {"init_from": "l1", "init": 4.0, "init_spread": 6.0})
+    prefix, names, _ = FAMILIES["BertForSequenceClassification"]
+    modules = dict(model.named_modules())
+    head_l1, neuron_l1 = [], []
+    for i in range(TINY["num_hidden_layers"]):  # each unit's L1 norm over the weights it reads and writes, from the HF model
+        w = lambda part: modules[prefix.format(i) + names[part]].weight.detach()  # noqa: E731
+        head_l1.append(sum(w(p).reshape(HEADS, -1).abs().sum(1) for p in "qkv") + w("out").reshape(HIDDEN, HEADS, HEAD_SIZE).abs().sum((0, 2)))
+        neuron_l1.append(w("up").abs().sum(1) + w("down").abs().sum(0))
+    gm, layers = graph.module, graph.meta[GATES]["layers"]
+    for unit, scores in (("heads", head_l1), ("neurons", neuron_l1)):
+        for layer, expected in zip(layers, our_ranked_starts(scores, 4.0, 6.0)):
+            assert torch.allclose(gm.get_submodule(layer["gates"][unit]).log_alpha.detach(), expected, atol=1e-6), unit
+    for layer in layers:  # whole sublayers and the hidden dimensions keep the plain start
+        assert all(float(gm.get_submodule(layer["gates"][u]).log_alpha) == 4.0 for u in ("attention", "ffn"))
+    assert torch.all(gm.get_submodule(graph.meta[GATES]["hidden"]["gate"]).log_alpha == 4.0)
+    assert info["expected_fraction"] < graphprune.run_pass(dense, "l0_structured", {"init": 4.0})[1]["expected_fraction"]
+
+
+def test_init_from_fisher_ranks_the_units_the_fisher_criterion_removes_first_lowest():
+    model = make_biased()
+    dense = trace_once(model)
+    data = CalibrationData(sentiment_data(32), tiny_tokenizer(), max_length=16, batch_size=8)
+    graph, _ = graphprune.run_pass(dense, "l0_structured", {"init_from": "fisher", "units": ["heads", "neurons"]}, data=data)
+    gm, layers = graph.module, graph.meta[GATES]["layers"]
+    starts = torch.cat([gm.get_submodule(layer["gates"]["heads"]).log_alpha.detach() for layer in layers])
+    ranks = sorted(((3.0 - float(v)) / 4.0 * (len(starts) - 1)) for v in starts)
+    assert ranks == pytest.approx(list(range(len(starts))), abs=1e-4)  # every rank once: a permutation of 0..n-1
+    # the two heads remove_heads' Fisher criterion takes out (global scope) are the two that start lowest
+    _, info = graphprune.run_pass(dense, "remove_heads", {"method": "fisher", "fraction": 0.25, "min_heads": 0, "num_samples": 512}, data=data)
+    removed = sorted((layer, h) for layer, heads in info["removed"].items() for h in heads)
+    lowest = sorted(divmod(int(i), HEADS) for i in torch.argsort(starts)[: len(removed)])
+    assert removed == lowest
 
 
 def test_gating_twice_and_committing_without_gates_are_clear_errors():

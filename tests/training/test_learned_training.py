@@ -130,6 +130,36 @@ def test_the_penalty_and_the_multipliers_ascent_are_the_formula():
     assert graph.meta[GATES]["trained"]["steps"] == step + 1 and graph.meta[GATES]["trained"]["lambda_1"] == pytest.approx(l1)
 
 
+def test_the_gates_momentum_is_dropped_once_when_the_size_falls_to_the_target():
+    _, graph, _ = gated(target=0.5)
+    controller = LagrangianController(learning_rate=0.02, target_warmup=0.5)
+    controller.on_train_begin(graph, 20)
+    alphas = [g.log_alpha for g in gate_modules(graph).values()]
+    weights = [p for name, p in graph.module.named_parameters() if not name.endswith("log_alpha")]
+    optimizer = torch.optim.AdamW([{"params": weights}, {"params": alphas}], lr=0.1)
+    controller.on_optimizer(optimizer)
+
+    def step(gap: float) -> None:
+        for p in alphas + weights:
+            p.grad = torch.ones_like(p)
+        optimizer.step()
+        controller.gap = gap  # what extra_loss measured this step
+        controller.on_step_end(graph, 0, 20)
+
+    step(0.2)  # above the target: Adam's moments build up on every parameter
+    assert all(p in optimizer.state for p in alphas + weights)
+    first = {id(p): optimizer.state[p]["exp_avg"].clone() for p in alphas}
+    step(0.1)
+    assert all(not torch.equal(optimizer.state[p]["exp_avg"], first[id(p)]) for p in alphas)
+    step(-0.05)  # fell to the target: the gates' moments are gone, the weights' stay
+    assert not any(p in optimizer.state for p in alphas) and all(p in optimizer.state for p in weights)
+    step(-0.02)  # still below: the moments rebuilt since the crossing are kept
+    assert all(int(optimizer.state[p]["step"]) == 1 for p in alphas)
+    step(0.03)
+    step(-0.01)  # a second crossing drops them again
+    assert not any(p in optimizer.state for p in alphas)
+
+
 # --- hidden distillation ---------------------------------------------------------------------------------------
 
 
