@@ -107,7 +107,7 @@ def test_final_sparsity_masks_and_commits(graph):
     gm = graph.module
     tokenizer = tiny_tokenizer()
     graphprune.finetune(graph, sentiment_data(32), tokenizer, max_steps=8, batch_size=8, learning_rate=1e-3,
-                        rpp={"penalty": 2.0, "sparsity": 0.7}, progress=False)
+                        rpp={"penalty": 2.0, "sparsity": 0.7, "mask_at": 1.0}, progress=False)
     masks = [mask_of(gm.get_submodule(n)) for n in SELECTED]
     assert all(m is not None for m in masks)
     assert all(mask_of(m) is None for name, m in gm.named_modules() if name not in SELECTED)
@@ -128,6 +128,58 @@ def test_final_sparsity_masks_and_commits(graph):
     assert torch.equal(masked_out, committed_out)
     selected = torch.cat([graph.module.get_submodule(n).weight.detach().flatten() for n in SELECTED])
     assert int((selected == 0).sum()) >= dropped
+    assert graph.meta["rpp"]["masked_at_step"] == 8
+
+
+class Snapshots:
+    """A callback after the RPP one: the selected weights and masks after every step."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_step_end(self, graph, step, total_steps):
+        modules = [graph.module.get_submodule(n) for n in SELECTED]
+        weights = torch.cat([unmasked_weight(m).detach().flatten() for m in modules])
+        masks = [mask_of(m) for m in modules]
+        keep = None if masks[0] is None else torch.cat([m.mask.flatten() for m in masks])
+        self.steps.append((step, weights.clone(), keep))
+
+
+def test_masks_go_in_at_mask_at_and_the_rest_of_the_run_retrains_without_proximal_steps(graph):
+    tokenizer = tiny_tokenizer()
+    rpp = ReweightedProximal(RppConfig(penalty=20.0, sparsity=0.3, mask_at=0.5))
+    spy = Snapshots()
+    graphprune.finetune(graph, sentiment_data(64), tokenizer, max_steps=10, batch_size=8, learning_rate=1e-3,
+                        callbacks=[rpp, spy], progress=False)
+    assert graph.meta["rpp"]["masked_at_step"] == 5 and graph.meta["rpp"]["mask_at"] == 0.5
+    by_step = {step: (w, keep) for step, w, keep in spy.steps}
+    assert all(by_step[s][1] is None for s in range(1, 5))
+    weights, keep = by_step[5]
+    assert int((~keep).sum()) == round(0.3 * keep.numel())
+    assert weights.abs()[keep].min() >= weights.abs()[~keep].max()  # one global threshold at the mask step
+    assert all(torch.equal(by_step[s][1], keep) for s in range(6, 11))  # the masks stay as they went in
+    # before the masks the penalty (20x the mean |w| a step) grew the zeros; after them, with no proximal
+    # step, AdamW moves kept zeros off zero: a proximal step would have put them back
+    zeros = [int((by_step[s][0][keep] == 0).sum()) for s in range(5, 11)]
+    assert zeros[0] > 0 and zeros[-1] < zeros[0]
+    assert int((by_step[4][0] == 0).sum()) > int((by_step[1][0] == 0).sum())
+    assert graph.meta["rpp"]["sparsity"] == pytest.approx(0.3, abs=1 / keep.numel())
+    assert graph.meta["rpp"]["zeros_before_masks"] == pytest.approx(float((weights == 0).float().mean()))
+
+
+def test_no_masks_if_the_run_stops_before_mask_at(graph):
+    class Stop(RuntimeError):
+        pass
+
+    class StopAt:
+        def on_step_end(self, graph, step, total_steps):
+            if step == 3:
+                raise Stop
+
+    with pytest.raises(Stop):
+        graphprune.finetune(graph, sentiment_data(64), tiny_tokenizer(), max_steps=10, batch_size=8, learning_rate=1e-3,
+                            callbacks=[StopAt()], rpp={"penalty": 2.0, "sparsity": 0.7, "mask_at": 0.5}, progress=False)
+    assert all(mask_of(graph.module.get_submodule(n)) is None for n in SELECTED)
 
 
 @pytest.mark.parametrize(
@@ -138,6 +190,8 @@ def test_final_sparsity_masks_and_commits(graph):
         ({"penalty": -1.0}, r"rpp\.penalty = -1\.0 is not allowed"),
         ({"sparsity": 1.0}, r"rpp\.sparsity = 1\.0 is not allowed"),
         ({"reweight_every": 0}, r"rpp\.reweight_every = 0 is not allowed"),
+        ({"mask_at": 0}, r"rpp\.mask_at = 0 is not allowed; expected a fraction in \(0, 1\]"),
+        ({"mask_at": 1.5}, r"rpp\.mask_at = 1\.5 is not allowed"),
         ({"roles": ["queries"]}, r"rpp\.roles = \['queries'\] is not allowed"),
     ],
 )
