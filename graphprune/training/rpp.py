@@ -36,8 +36,14 @@ Fields of :class:`RppConfig` (the ``rpp`` table of :func:`graphprune.finetune`):
   sparsity on MiniLM, half an epoch ended 9.7 points below the baseline that way, with
   a fifth of the weights cut after the last step. One epoch at penalty 32 (Intel Xeon,
   see the README): mask_at 0.5 reached validation 0.779 / test 0.787, 0.75 reached
-  0.770 / 0.764, so 0.5 is the default (chosen on validation). Masks go in only if the run reaches that step: after an error the weights
-  stay as the steps left them;
+  0.770 / 0.764, so 0.5 is the default (chosen on validation). Masks go in only if
+  the run reaches that step: after an error the weights stay as the steps left them;
+- ``mask_from`` (None, or a fraction in [0, ``mask_at``)): None puts all the masks in at
+  once at ``mask_at``; a fraction grows them from that share of the steps on, on Zhu and
+  Gupta's cubic schedule from 0 to ``sparsity`` at ``mask_at``, while the proximal steps
+  go on shrinking the weights still kept: each cut is small and falls on weights the
+  penalty has already shrunk;
+- ``mask_every`` (integer >= 1, default 10): the steps between two cuts of ``mask_from``;
 - ``roles`` (default the six encoder projections ``query, key, value,
   attention_output, ffn_up, ffn_down``), read from the node metadata.
 
@@ -60,6 +66,7 @@ from torch import nn
 from ..infra.pipeline import run_pass
 from ..ir.masks import mask_of, pruning_hooks, set_mask, unmasked_weight
 from ..ir.metadata import ENCODER_ROLES, common
+from .schedule import cubic_sparsity
 
 # every role the metadata gives a Linear node (passes/analysis/roles.py, which we may not import)
 LINEAR_ROLES = ENCODER_ROLES + ("embedding_projection", "pooler", "classifier", "other")
@@ -76,6 +83,8 @@ class RppConfig:
     reweight_every: int = 50
     sparsity: float | None = None
     mask_at: float = 0.5  # chosen on the validation split, see the docstring
+    mask_from: float | None = 0.0  # the masks grow from the start; chosen on the validation split
+    mask_every: int = 10
     roles: tuple[str, ...] = ENCODER_ROLES
 
     def __post_init__(self):
@@ -89,6 +98,10 @@ class RppConfig:
              and self.reweight_every >= 1, "an integer >= 1"),
             ("sparsity", self.sparsity is None or (_number(self.sparsity) and 0 < self.sparsity < 1), "a fraction in (0, 1) or None"),
             ("mask_at", _number(self.mask_at) and 0 < self.mask_at <= 1, "a fraction in (0, 1]"),
+            ("mask_from", self.mask_from is None or (_number(self.mask_from) and 0 <= self.mask_from < self.mask_at),
+             f"None or a fraction in [0, mask_at = {self.mask_at!r})"),
+            ("mask_every", isinstance(self.mask_every, int) and not isinstance(self.mask_every, bool)
+             and self.mask_every >= 1, "an integer >= 1"),
             ("roles", isinstance(self.roles, tuple) and self.roles and all(r in LINEAR_ROLES for r in self.roles),
              f"a non-empty list of Linear roles from {list(LINEAR_ROLES)}"),
         ]
@@ -158,12 +171,13 @@ class ReweightedProximal:
         self._groups: dict[int, dict] = {}
         self._step, self._total = 0, None
         self._masked_at: int | None = None
+        self.cuts: list[tuple[int, float]] = []  # (step, masked share) of every mask step
         self._zeros: float | None = None
 
     def on_train_begin(self, graph, total_steps: int) -> None:
         self._targets = selected_weights(graph, self.config.roles)
         self._step, self._total, self.reweighted_at = 0, total_steps, []
-        self._masked_at, self._zeros = None, None
+        self._masked_at, self._zeros, self.cuts = None, None, []
         with torch.no_grad():
             values = torch.cat([_effective(m, w).detach().abs().flatten() for m, w in self._targets.values()])
             kept = values[values != 0]
@@ -181,64 +195,79 @@ class ReweightedProximal:
         self.reweighted_at.append(step)
 
     def _mask_step(self) -> int | None:
-        """The step after which the masks go in (None: no masks, or none before the end)."""
+        """The step after which all the masks are in (None: no masks, or none before the end)."""
         if self.config.sparsity is None or self.config.mask_at >= 1 or self._total is None:
             return None
         return max(1, math.ceil(self.config.mask_at * self._total))
+
+    def _cut_due(self, step: int) -> float | None:
+        """The share the masks drop after this step of a ``mask_from`` ramp (None: no cut now)."""
+        if self.config.mask_from is None or self._total is None:
+            return None
+        start = math.floor(self.config.mask_from * self._total)
+        end = max(start + 1, math.ceil(self.config.mask_at * self._total))
+        if step <= start or step >= end or (step - start) % self.config.mask_every:
+            return None  # the last cut, to `sparsity` itself, is the mask step's
+        return cubic_sparsity(step, initial=0.0, final=self.config.sparsity, start=start, end=end)
 
     @torch.no_grad()
     def on_step_end(self, graph, step: int, total_steps: int) -> None:
         self._step = step
         if self._masked_at is not None:
             return  # retraining under the masks: no more proximal steps
-        for name, (_, weight) in self._targets.items():
+        for name, (module, weight) in self._targets.items():
             group = self._groups.get(id(weight))
             if group is None or not group["lr"]:
                 continue  # a frozen weight (not optimised) is left as it is
             shrunk = (weight.abs() - group["lr"] * self.penalty * self.reweights[name]).clamp_(min=0)
             # where, not sign * shrunk: a zeroed negative weight is +0.0, one bit pattern for sparse checkpoints
             weight.copy_(torch.where(shrunk > 0, weight.sign() * shrunk, 0.0))
-        mask_step = self._mask_step()
+        mask_step, cut = self._mask_step(), self._cut_due(step)
         if mask_step is not None and step >= mask_step:
-            self._mask(step)
-        elif step % self.config.reweight_every == 0:
+            self._mask(step, self.config.sparsity)
+            self._masked_at = step
+        elif cut is not None and cut > 0:
+            self._mask(step, cut)
+        if self._masked_at is None and step % self.config.reweight_every == 0:
             self._reweight(step)
 
     @torch.no_grad()
-    def _mask(self, step: int) -> None:
+    def _mask(self, step: int, share: float) -> None:
         values = [_effective(m, w).detach() for m, w in self._targets.values()]
-        self._zeros = sum(int((v == 0).sum()) for v in values) / sum(v.numel() for v in values)
-        self._install_masks(values)
-        self._masked_at = step
+        if self._zeros is None:  # the proximal steps' own zeros, before the first cut
+            self._zeros = sum(int((v == 0).sum()) for v in values) / sum(v.numel() for v in values)
+        self._install_masks(values, share)
+        self.cuts.append((step, share))
 
     def on_train_end(self, graph) -> None:
         if not self._targets:
             return
         # masks at the end only after a finished run: after an error the weights stay as the steps left them
         if self._masked_at is None and self.config.sparsity is not None and self._total is not None and self._step >= self._total:
-            self._mask(self._step)
+            self._mask(self._step, self.config.sparsity)
+            self._masked_at = self._step
         with torch.no_grad():
             values = [_effective(m, w).detach() for m, w in self._targets.values()]
         total = sum(v.numel() for v in values)
         zeros = self._zeros if self._zeros is not None else sum(int((v == 0).sum()) for v in values) / total
         sparsity = None
-        if self._masked_at is not None:
+        if self.cuts:  # a run stopped within a mask_from ramp keeps its cuts so far
             masks = [mask_of(m) for m, _ in self._targets.values()]
-            sparsity = sum(int((~k.mask).sum()) for k in masks) / total
+            sparsity = sum(int((~k.mask).sum()) for k in masks if k is not None) / total
         self.report = {
             "penalty": self.config.penalty, "penalty_absolute": self.penalty, "epsilon": self.config.epsilon,
             "reweight_every": self.config.reweight_every, "roles": list(self.config.roles), "weights": total,
             "zeros_before_masks": zeros, "sparsity": sparsity, "mask_at": self.config.mask_at,
-            "masked_at_step": self._masked_at,
+            "mask_from": self.config.mask_from, "masked_at_step": self._masked_at, "cuts": len(self.cuts),
         }
         graph.meta["rpp"] = dict(self.report)
         run_pass(graph, "add_sparsity_metadata", inplace=True)  # graph.meta["sparsity"] and summary() see the zeros
         self._targets, self._groups, self.reweights = {}, {}, {}  # frees the copy of the weights r is
 
     @torch.no_grad()
-    def _install_masks(self, values: list[torch.Tensor]) -> None:
+    def _install_masks(self, values: list[torch.Tensor], share: float) -> None:
         flat = torch.cat([v.abs().flatten() for v in values])
-        count = round(self.config.sparsity * flat.numel())
+        count = round(share * flat.numel())
         drop = torch.zeros_like(flat, dtype=torch.bool)
         drop[torch.argsort(flat, stable=True)[:count]] = True  # exactly `count`; ties (the zeros) by position
         start = 0

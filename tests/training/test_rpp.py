@@ -147,7 +147,7 @@ class Snapshots:
 
 def test_masks_go_in_at_mask_at_and_the_rest_of_the_run_retrains_without_proximal_steps(graph):
     tokenizer = tiny_tokenizer()
-    rpp = ReweightedProximal(RppConfig(penalty=20.0, sparsity=0.3, mask_at=0.5))
+    rpp = ReweightedProximal(RppConfig(penalty=20.0, sparsity=0.3, mask_at=0.5, mask_from=None))
     spy = Snapshots()
     graphprune.finetune(graph, sentiment_data(64), tokenizer, max_steps=10, batch_size=8, learning_rate=1e-3,
                         callbacks=[rpp, spy], progress=False)
@@ -167,6 +167,27 @@ def test_masks_go_in_at_mask_at_and_the_rest_of_the_run_retrains_without_proxima
     assert graph.meta["rpp"]["zeros_before_masks"] == pytest.approx(float((weights == 0).float().mean()))
 
 
+def test_mask_from_grows_the_masks_on_the_cubic_schedule_with_one_global_threshold_each_cut(graph):
+    rpp = ReweightedProximal(RppConfig(penalty=4.0, sparsity=0.6, mask_at=0.6, mask_from=0.1, mask_every=2))
+    spy = Snapshots()
+    graphprune.finetune(graph, sentiment_data(64), tiny_tokenizer(), max_steps=20, batch_size=8, learning_rate=1e-3,
+                        callbacks=[rpp, spy], progress=False)
+    # the ramp runs from step 2 to step 12: s_t = 0.6 * (1 - (1 - (t - 2) / 10) ** 3), by Zhu and Gupta's formula
+    expected = [(t, 0.6 * (1 - (1 - (t - 2) / 10) ** 3)) for t in (4, 6, 8, 10)] + [(12, 0.6)]
+    assert [t for t, _ in rpp.cuts] == [t for t, _ in expected]
+    assert [s for _, s in rpp.cuts] == pytest.approx([s for _, s in expected])
+    by_step = {step: (w, keep) for step, w, keep in spy.steps}
+    assert all(by_step[s][1] is None for s in range(1, 4))
+    for t, share in expected:
+        weights, keep = by_step[t]
+        assert int((~keep).sum()) == round(share * keep.numel())
+        assert weights.abs()[keep].min() >= weights.abs()[~keep].max()
+    assert all(torch.equal(by_step[s][1], by_step[12][1]) for s in range(13, 21))  # the last cut's masks stay
+    meta = graph.meta["rpp"]
+    assert meta["masked_at_step"] == 12 and meta["cuts"] == 5 and meta["mask_from"] == 0.1
+    assert meta["sparsity"] == pytest.approx(0.6, abs=1 / by_step[12][1].numel())
+
+
 def test_no_masks_if_the_run_stops_before_mask_at(graph):
     class Stop(RuntimeError):
         pass
@@ -178,8 +199,25 @@ def test_no_masks_if_the_run_stops_before_mask_at(graph):
 
     with pytest.raises(Stop):
         graphprune.finetune(graph, sentiment_data(64), tiny_tokenizer(), max_steps=10, batch_size=8, learning_rate=1e-3,
-                            callbacks=[StopAt()], rpp={"penalty": 2.0, "sparsity": 0.7, "mask_at": 0.5}, progress=False)
+                            callbacks=[StopAt()], rpp={"penalty": 2.0, "sparsity": 0.7, "mask_at": 0.5, "mask_from": None}, progress=False)
     assert all(mask_of(graph.module.get_submodule(n)) is None for n in SELECTED)
+
+
+def test_a_run_stopped_within_the_ramp_keeps_the_cuts_it_made(graph):
+    class Stop(RuntimeError):
+        pass
+
+    class StopAt:
+        def on_step_end(self, graph, step, total_steps):
+            if step == 5:
+                raise Stop
+
+    with pytest.raises(Stop):
+        graphprune.finetune(graph, sentiment_data(64), tiny_tokenizer(), max_steps=20, batch_size=8, learning_rate=1e-3, callbacks=[StopAt()],
+                            rpp={"penalty": 2.0, "sparsity": 0.7, "mask_at": 0.5, "mask_from": 0.0, "mask_every": 2}, progress=False)
+    masks = [mask_of(graph.module.get_submodule(n)) for n in SELECTED]
+    total = sum(m.mask.numel() for m in masks)
+    assert sum(int((~m.mask).sum()) for m in masks) == round(0.7 * (1 - (1 - 4 / 10) ** 3) * total)  # step 4's cut, the last before the stop
 
 
 @pytest.mark.parametrize(
@@ -192,6 +230,8 @@ def test_no_masks_if_the_run_stops_before_mask_at(graph):
         ({"reweight_every": 0}, r"rpp\.reweight_every = 0 is not allowed"),
         ({"mask_at": 0}, r"rpp\.mask_at = 0 is not allowed; expected a fraction in \(0, 1\]"),
         ({"mask_at": 1.5}, r"rpp\.mask_at = 1\.5 is not allowed"),
+        ({"sparsity": 0.5, "mask_at": 0.5, "mask_from": 0.5}, r"rpp\.mask_from = 0\.5 is not allowed; expected None or a fraction in \[0, mask_at = 0\.5\)"),
+        ({"sparsity": 0.5, "mask_from": 0.1, "mask_every": 0}, r"rpp\.mask_every = 0 is not allowed; expected an integer >= 1"),
         ({"roles": ["queries"]}, r"rpp\.roles = \['queries'\] is not allowed"),
     ],
 )
