@@ -203,6 +203,13 @@ def test_no_masks_if_the_run_stops_before_mask_at(graph):
     assert all(mask_of(graph.module.get_submodule(n)) is None for n in SELECTED)
 
 
+def test_without_a_sparsity_the_ramp_makes_no_masks(graph):
+    graphprune.finetune(graph, sentiment_data(64), tiny_tokenizer(), max_steps=8, batch_size=8, learning_rate=1e-3,
+                        rpp={"penalty": 2.0, "mask_from": 0.0, "mask_every": 2}, progress=False)
+    assert graph.meta["rpp"]["cuts"] == 0 and graph.meta["rpp"]["sparsity"] is None
+    assert all(mask_of(graph.module.get_submodule(n)) is None for n in SELECTED)
+
+
 def test_a_run_stopped_within_the_ramp_keeps_the_cuts_it_made(graph):
     class Stop(RuntimeError):
         pass
