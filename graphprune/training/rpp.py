@@ -47,7 +47,8 @@ Fields of :class:`RppConfig` (the ``rpp`` table of :func:`graphprune.finetune`):
   One epoch at 70% sparsity on MiniLM, distilled (2-core Intel Xeon, validation /
   test; the baseline is 0.834 / 0.833): all masks at once at ``mask_at`` 0.75: 0.770 / 0.764, at 0.5:
   0.779 / 0.787; grown from the start to ``mask_at`` 0.7: 0.785 / 0.804, to 0.5: 0.797
-  / 0.816, to 0.35: 0.780 / 0.804 (half an epoch with all masks after the last step,
+  / 0.816, to 0.35: 0.780 / 0.804; grown to 0.5 with layer-wise distillation
+  (``kd_hidden_weight = 1``) and ``learning_rate = 1e-4``: 0.813 / 0.831 (half an epoch with all masks after the last step,
   on a Zen 5: 9.7 points lost on test). Masks go in only as far as the run gets: after an
   error the weights and the cuts made so far stay as they are;
 - ``roles`` (default the six encoder projections ``query, key, value,
