@@ -45,12 +45,13 @@ Fields of :class:`RppConfig` (the ``rpp`` table of :func:`graphprune.finetune`):
 - ``mask_every`` (integer >= 1, default 10): the steps between two cuts of ``mask_from``.
 
   One epoch at 70% sparsity on MiniLM, distilled (2-core Intel Xeon, validation /
-  test; the baseline is 0.834 / 0.833): all masks at once at ``mask_at`` 0.75: 0.770 / 0.764, at 0.5:
-  0.779 / 0.787; grown from the start to ``mask_at`` 0.7: 0.785 / 0.804, to 0.5: 0.797
-  / 0.816, to 0.35: 0.780 / 0.804; grown to 0.5 with layer-wise distillation
-  (``kd_hidden_weight = 1``) and ``learning_rate = 1e-4``: 0.813 / 0.831 (half an epoch with all masks after the last step,
-  on a Zen 5: 9.7 points lost on test). Masks go in only as far as the run gets: after an
-  error the weights and the cuts made so far stay as they are;
+  test; the baseline is 0.834 / 0.833): all masks at once at ``mask_at`` 0.75: 0.770 /
+  0.764, at 0.5: 0.779 / 0.787; grown from the start to ``mask_at`` 0.7: 0.785 / 0.804,
+  to 0.5: 0.797 / 0.816, to 0.35: 0.780 / 0.804; grown to 0.5 with layer-wise
+  distillation (``kd_hidden_weight = 1``) and ``learning_rate = 1e-4``: 0.813 / 0.831.
+  (Half an epoch with all masks after the last step, on a Zen 5, lost 9.7 points on
+  test.) Masks go in only as far as the run gets: after an error the weights and the
+  cuts made so far stay as they are;
 - ``roles`` (default the six encoder projections ``query, key, value,
   attention_output, ffn_up, ffn_down``), read from the node metadata.
 
@@ -212,7 +213,7 @@ class ReweightedProximal:
         if self.config.sparsity is None or self.config.mask_from is None or self._total is None:
             return None
         start = math.floor(self.config.mask_from * self._total)
-        end = max(start + 1, math.ceil(self.config.mask_at * self._total))
+        end = self._mask_step() or self._total  # mask_from < mask_at puts it after start
         if step <= start or step >= end or (step - start) % self.config.mask_every:
             return None  # the last cut, to `sparsity` itself, is the mask step's
         return cubic_sparsity(step, initial=0.0, final=self.config.sparsity, start=start, end=end)
@@ -260,7 +261,7 @@ class ReweightedProximal:
         sparsity = None
         if self.cuts:  # a run stopped within a mask_from ramp keeps its cuts so far
             masks = [mask_of(m) for m, _ in self._targets.values()]
-            sparsity = sum(int((~k.mask).sum()) for k in masks if k is not None) / total
+            sparsity = sum(int((~k.mask).sum()) for k in masks) / total  # every cut masks every target
         self.report = {
             "penalty": self.config.penalty, "penalty_absolute": self.penalty, "epsilon": self.config.epsilon,
             "reweight_every": self.config.reweight_every, "roles": list(self.config.roles), "weights": total,

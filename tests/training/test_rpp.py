@@ -188,18 +188,25 @@ def test_mask_from_grows_the_masks_on_the_cubic_schedule_with_one_global_thresho
     assert meta["sparsity"] == pytest.approx(0.6, abs=1 / by_step[12][1].numel())
 
 
+class Stop(RuntimeError):
+    pass
+
+
+class StopAt:
+    """A callback that stops the run with :class:`Stop` at the end of one step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, graph, step, total_steps):
+        if step == self.step:
+            raise Stop
+
+
 def test_no_masks_if_the_run_stops_before_mask_at(graph):
-    class Stop(RuntimeError):
-        pass
-
-    class StopAt:
-        def on_step_end(self, graph, step, total_steps):
-            if step == 3:
-                raise Stop
-
     with pytest.raises(Stop):
         graphprune.finetune(graph, sentiment_data(64), tiny_tokenizer(), max_steps=10, batch_size=8, learning_rate=1e-3,
-                            callbacks=[StopAt()], rpp={"penalty": 2.0, "sparsity": 0.7, "mask_at": 0.5, "mask_from": None}, progress=False)
+                            callbacks=[StopAt(3)], rpp={"penalty": 2.0, "sparsity": 0.7, "mask_at": 0.5, "mask_from": None}, progress=False)
     assert all(mask_of(graph.module.get_submodule(n)) is None for n in SELECTED)
 
 
@@ -211,16 +218,8 @@ def test_without_a_sparsity_the_ramp_makes_no_masks(graph):
 
 
 def test_a_run_stopped_within_the_ramp_keeps_the_cuts_it_made(graph):
-    class Stop(RuntimeError):
-        pass
-
-    class StopAt:
-        def on_step_end(self, graph, step, total_steps):
-            if step == 5:
-                raise Stop
-
     with pytest.raises(Stop):
-        graphprune.finetune(graph, sentiment_data(64), tiny_tokenizer(), max_steps=20, batch_size=8, learning_rate=1e-3, callbacks=[StopAt()],
+        graphprune.finetune(graph, sentiment_data(64), tiny_tokenizer(), max_steps=20, batch_size=8, learning_rate=1e-3, callbacks=[StopAt(5)],
                             rpp={"penalty": 2.0, "sparsity": 0.7, "mask_at": 0.5, "mask_from": 0.0, "mask_every": 2}, progress=False)
     masks = [mask_of(graph.module.get_submodule(n)) for n in SELECTED]
     total = sum(m.mask.numel() for m in masks)
