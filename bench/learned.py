@@ -8,11 +8,13 @@ baseline:
 - ``l0``: ``l0_structured`` at each FLOPs target (by default gates on heads and FFN
   neurons started from Fisher ranks; ``--l0-units`` and ``--l0-init`` give CoFi's
   five kinds of gate and uniform start), trained with logits and layer-wise hidden
-  distillation, then ``commit_gates`` and a fine-tune of the committed graph;
+  distillation at lr 1e-4, then ``commit_gates`` and a fine-tune of the committed
+  graph with the same distillation (one epoch in all by default; ``--epochs`` up to 2);
 - ``kprune``: ``structured_search`` K-prune at the FLOPs the learned graph reached,
-  then a distilled recovery of the same budget (the retraining-free method given the
-  same training);
-- ``factorize``: rank-gated SVD factors of the encoder Linears to a parameter target;
+  then a recovery of the same budget and the same training (the retraining-free
+  method given the same training);
+- ``factorize``: rank-gated SVD factors of the encoder Linears to a parameter target,
+  trained like ``l0``;
 - ``layerdrop``: fine-tuning with LayerDrop, then every other layer removed; beside
   it the same removal from the baseline followed by the same fine-tuning without it;
 - ``rpp``: reweighted proximal L1 with masks grown to 70% sparsity, beside movement
@@ -23,8 +25,10 @@ baseline:
 Every committed graph is saved, reloaded (outputs compared bit for bit) and exported
 to ONNX (checked in ONNX Runtime). Speed-ups: the committed graph against the dense
 one, eager against eager at batch 8 x 128 and 1 x 64, compiled against compiled at
-batch 8 x 128. Prints the table and the targets, writes ``bench/results/learned.json``
-and ``learned.png`` (accuracy against speed-up, with ``bench/structured.py``'s axes).
+batch 8 x 128. Prints the table and the targets that the run's methods answer, writes
+``bench/results/learned.json`` (``learned_<methods>.json`` for a subset; rewritten as each
+method ends, ``complete`` once the run is) and ``learned.png`` (accuracy against speed-up,
+with ``bench/structured.py``'s axes).
 
 Run: ``python bench/learned.py [--methods l0,kprune,...] [--epochs E] [--quick]``.
 """
@@ -50,7 +54,11 @@ from structured import compiled_speedup, latency_inputs  # bench/structured.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("l0", "kprune", "factorize", "layerdrop", "rpp", "quant_noise")
-L0_TARGETS = (0.6, 0.75, 0.85)  # FLOPs share removed; chosen on the validation split (see the README)
+L0_TARGETS = (0.6, 0.75, 0.88)  # FLOPs share removed; the top one is past 4x eager on the 2-core Xeon (see the README)
+# the l0 points and their K-prune peers train alike: lr 1e-4 and logits plus layer-wise hidden distillation in every
+# phase (the committed graph keeps the teacher's hidden size unless hidden gates closed some). Chosen on the validation
+# split at target 0.87, one epoch: 0.813 against 0.782 for lr 5e-5 with logits-only distillation after the commit
+STRUCTURED_TRAINING = {"kd_hidden_weight": 1.0, "learning_rate": 1e-4}
 
 
 def log(*args):
@@ -128,11 +136,12 @@ def run_l0(setup: Setup, targets, epochs: float, finetune_share: float, units: l
     for target in targets:
         config = {"target": target, "units": units, "init_from": init_from}
         graph, _ = graphprune.run_pass(setup.base, "l0_structured", config, data=setup.calibration if init_from != "none" else None)
-        seconds = setup.finetune(graph, epochs * (1 - finetune_share), kd_hidden_weight=1.0)
+        seconds = setup.finetune(graph, epochs * (1 - finetune_share), **STRUCTURED_TRAINING)
         trained = graph.meta["gates"]["trained"]
         committed, info = graphprune.run_pass(graph, "commit_gates")
-        if finetune_share > 0:  # logits distillation only: the committed hidden size no longer matches the teacher's
-            seconds += setup.finetune(committed, epochs * finetune_share)
+        if finetune_share > 0:  # hidden states are distilled only while they keep the teacher's width
+            options = STRUCTURED_TRAINING if info["hidden_removed"] == 0 else {**STRUCTURED_TRAINING, "kd_hidden_weight": 0.0}
+            seconds += setup.finetune(committed, epochs * finetune_share, **options)
         row = {"method": "l0_structured", "point": f"target {target}", "epochs": epochs, "train_seconds": round(seconds), "units": units, "init_from": init_from,
                "finetune_share": finetune_share, "expected_fraction": round(trained["expected_fraction"], 3),
                "hidden_removed": info["hidden_removed"]}
@@ -147,14 +156,14 @@ def run_kprune(setup: Setup, l0_rows: list[dict], epochs: float) -> list[dict]:
     for l0 in l0_rows:
         keep = max(0.05, l0["flops_ratio"])
         pruned, info = graphprune.run_pass(setup.base, "structured_search", {"method": "kprune", "flops": keep, "progress": False}, data=setup.calibration)
-        seconds = setup.finetune(pruned, epochs)
+        seconds = setup.finetune(pruned, epochs, **STRUCTURED_TRAINING)
         rows.append(measure(setup, pruned, {"method": "kprune + recovery", "point": f"flops {keep:.3f}", "epochs": epochs, "train_seconds": round(seconds)}))
     return rows
 
 
 def run_factorize(setup: Setup, epochs: float) -> list[dict]:
     graph, _ = graphprune.run_pass(setup.base, "factorize", {"target": 0.5})
-    seconds = setup.finetune(graph, epochs)
+    seconds = setup.finetune(graph, epochs, **STRUCTURED_TRAINING)
     committed, info = graphprune.run_pass(graph, "commit_gates")
     return [measure(setup, committed, {"method": "factorize (FLOP)", "point": "params 0.5", "epochs": epochs, "train_seconds": round(seconds),
                                        "merged_back": len(info.get("merged", []))})]
@@ -238,31 +247,37 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
 
 
 def check_targets(rows: list[dict], dense: float) -> dict:
+    """The issue's targets that this run's methods can answer (a run of other methods says nothing of l0 or rpp)."""
     l0 = [r for r in rows if r["method"].startswith("l0_structured")]
     kprune = [r for r in rows if r["method"] == "kprune + recovery"]
+    rpp = [r for r in rows if r["method"] == "rpp"]
+    committed = [r for r in rows if "reload_identical" in r]
+    targets = {}
 
     def best_speedup(points: float) -> float:
         return max((r["speedup_b8"] for r in l0 if r["drop_points"] <= points), default=0.0)
 
-    fast = [(a, k) for a, k in zip(l0, kprune) if a["speedup_b8"] >= 2.5]
-    rpp = [r for r in rows if r["method"] == "rpp"]
-    committed = [r for r in rows if "reload_identical" in r]
-    return {
-        "l0_speedup_within_1pt": {"value": round(best_speedup(1.0), 3), "target": 3.0},
-        "l0_speedup_within_2pt": {"value": round(best_speedup(2.0), 3), "target": 4.0},
-        "l0_beats_kprune_at_2.5x_or_more": {"value": f"{sum(a['accuracy'] > k['accuracy'] for a, k in fast)} of {len(fast)}",
-                                            "met": bool(fast) and all(a["accuracy"] > k["accuracy"] for a, k in fast)},
-        "rpp_70pct_drop_points": {"value": rpp[0]["drop_points"] if rpp else None, "target": 1.0, "lower_is_better": True},
-        "committed_graphs_reload_and_export": {"value": f"{sum(r['reload_identical'] and r['onnx_export'] == 'ok' for r in committed)} of {len(committed)}",
-                                               "met": all(r["reload_identical"] and r["onnx_export"] == "ok" for r in committed)},
-    }
+    if l0:
+        targets["l0_speedup_within_1pt"] = {"value": round(best_speedup(1.0), 3), "target": 3.0}
+        targets["l0_speedup_within_2pt"] = {"value": round(best_speedup(2.0), 3), "target": 4.0}
+    if l0 and kprune:
+        fast = [(a, k) for a, k in zip(l0, kprune) if a["speedup_b8"] >= 2.5]
+        targets["l0_beats_kprune_at_2.5x_or_more"] = {"value": f"{sum(a['accuracy'] > k['accuracy'] for a, k in fast)} of {len(fast)}",
+                                                      "met": bool(fast) and all(a["accuracy"] > k["accuracy"] for a, k in fast)}
+    if rpp:
+        targets["rpp_70pct_drop_points"] = {"value": rpp[0]["drop_points"], "target": 1.0, "lower_is_better": True}
+    if committed:
+        targets["committed_graphs_reload_and_export"] = {
+            "value": f"{sum(r['reload_identical'] and r['onnx_export'] == 'ok' for r in committed)} of {len(committed)}",
+            "met": all(r["reload_identical"] and r["onnx_export"] == "ok" for r in committed)}
+    return targets
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} (kprune needs l0)")
     parser.add_argument("--targets", type=float, nargs="+", default=list(L0_TARGETS), help="l0_structured FLOPs targets (share removed)")
-    parser.add_argument("--epochs", type=float, default=None, help="training budget of the l0 and kprune points, in epochs (default 2)")
+    parser.add_argument("--epochs", type=float, default=None, help="training budget of the l0 and kprune points, in epochs (default 1; the issue allows 2)")
     parser.add_argument("--l0-finetune-share", type=float, default=0.25,
                         help="share of the l0 budget spent fine-tuning the committed graph (CoFi's second phase; default 0.25)")
     parser.add_argument("--l0-units", default="heads,neurons",
@@ -282,16 +297,25 @@ def main() -> None:
     setup = Setup(args.quick)
     log(f"MiniLM baseline: validation {setup.dense['validation']:.4f}, test {setup.dense['test']:.4f}; {setup.dense_params / 1e6:.2f}M params")
     rows: list[dict] = []
-    long_budget = 2.0 if args.epochs is None else args.epochs
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else "" if set(methods) == set(METHODS) else "_" + "_".join(methods)
+    path = RESULTS / f"learned{suffix}.json"
+
+    def keep(new_rows: list[dict]) -> None:  # the rows so far reach the JSON as each method ends: a stopped run keeps them
+        rows.extend(new_rows)
+        write_json(path, {"machine": machine, "dense": setup.dense, "methods": methods, "rows": rows, "complete": False,
+                          "seconds": round(time.perf_counter() - start, 1)})
+
+    long_budget = 1.0 if args.epochs is None else args.epochs
     short_budget = 1.0 if args.other_epochs is None else args.other_epochs
     if "l0" in methods:
         l0_rows = run_l0(setup, args.targets, long_budget, args.l0_finetune_share, args.l0_units.split(","), args.l0_init)
-        rows += l0_rows
+        keep(l0_rows)
         if "kprune" in methods:
-            rows += run_kprune(setup, l0_rows, long_budget)
+            keep(run_kprune(setup, l0_rows, long_budget))
     for name, run in (("factorize", run_factorize), ("layerdrop", run_layerdrop), ("rpp", run_rpp), ("quant_noise", run_quant_noise)):
         if name in methods:
-            rows += run(setup, short_budget)
+            keep(run(setup, short_budget))
     columns = ["method", "point", "epochs", "accuracy", "drop_points", "accuracy_validation", "params_m", "flops_ratio",
                "speedup_b8", "speedup_b1", "speedup_b8_compiled", "train_seconds", "reload_identical", "onnx_export"]
     log(f"\nLearned compression, MiniLM on Rotten Tomatoes test (dense {setup.dense['test']:.4f}); speed-ups vs dense on this CPU, "
@@ -304,12 +328,9 @@ def main() -> None:
             t["met"] = t["value"] is not None and (t["value"] <= t["target"] if t.get("lower_is_better") else t["value"] >= t["target"])
         bound = f" ({'<=' if t.get('lower_is_better') else '>='} {t['target']})" if "target" in t else ""
         log(f"  {name}: {t['value']}{bound} {'met' if t['met'] else 'NOT met'}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else "" if set(methods) == set(METHODS) else "_" + "_".join(methods)
-    plot(rows, setup.dense["test"], RESULTS / f"learned{suffix}.png")
-    results = {"machine": machine, "dense": setup.dense, "methods": methods, "rows": rows, "targets": targets,
+    plot(rows, setup.dense["test"], path.with_suffix(".png"))
+    results = {"machine": machine, "dense": setup.dense, "methods": methods, "rows": rows, "targets": targets, "complete": True,
                "seconds": round(time.perf_counter() - start, 1)}
-    path = RESULTS / f"learned{suffix}.json"
     write_json(path, results)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
 

@@ -12,7 +12,8 @@ This tutorial:
    while logits and hidden states are distilled from the dense graph;
 3. commits the gates (``commit_gates``): the closed units are physically removed,
    and the committed graph computes what the gated one did; measures accuracy and
-   the speed-up on this CPU, saves and reloads it;
+   the speed-up on this CPU, fine-tunes the committed graph a little more (CoFi's
+   second phase), saves and reloads it;
 4. fine-tunes with LayerDrop, then picks the depth afterwards (every other layer);
 5. factorizes the FFN projections into rank-gated SVD factors (``factorize``).
 
@@ -65,8 +66,10 @@ def main(quick: bool) -> None:
     gated, info = graphprune.run_pass(dense, "l0_structured", config, data=calibration)
     print(f"    {info['gates']} gates; expected FLOPs kept {info['expected_fraction']:.3f}, target {info['target_fraction']:.2f}")
 
-    # 2. Fine-tune with distillation (logits and layer-wise hidden states); the gates train too.
-    graphprune.finetune(gated, train, tokenizer, teacher=dense, max_steps=steps, kd_hidden_weight=1.0, progress=not quick)
+    # 2. Fine-tune with distillation (logits and layer-wise hidden states); the gates train too. lr 1e-4, twice
+    #    finetune's default: chosen on the validation split for heavily pruned graphs (bench/learned.py).
+    recipe = {"learning_rate": 1e-4, "kd_hidden_weight": 1.0}
+    graphprune.finetune(gated, train, tokenizer, teacher=dense, max_steps=steps, progress=not quick, **recipe)
     trained = gated.meta["gates"]["trained"]
     print(f"[2] after {steps} steps: expected FLOPs kept {trained['expected_fraction']:.3f} (target {trained['target']:.2f}); "
           f"gated accuracy {accuracy(gated):.4f}")
@@ -79,6 +82,10 @@ def main(quick: bool) -> None:
     print(f"[3] committed: {info['hidden_removed']} hidden dimensions removed; max |committed - gated| = {gap:.2e}")
     print(committed.summary())
     print(f"    accuracy {accuracy(committed):.4f}, {speedup(committed):.2f}x faster than dense (eager, batch 8 x 128)")
+    # CoFi's second phase: the committed graph, now fixed in shape, fine-tuned with the same distillation
+    # (its hidden size is still the teacher's: no hidden gates here)
+    graphprune.finetune(committed, train, tokenizer, teacher=dense, max_steps=max(1, steps // 3), progress=not quick, **recipe)
+    print(f"    after {max(1, steps // 3)} more steps on the committed graph: accuracy {accuracy(committed):.4f}")
     with tempfile.TemporaryDirectory() as tmp:
         committed.save(Path(tmp) / "cofi")
         again = graphprune.load(Path(tmp) / "cofi")
