@@ -301,10 +301,15 @@ def main() -> None:
     suffix = "_quick" if args.quick else "" if set(methods) == set(METHODS) else "_" + "_".join(methods)
     path = RESULTS / f"learned{suffix}.json"
 
-    def keep(new_rows: list[dict]) -> None:  # the rows so far reach the JSON as each method ends: a stopped run keeps them
+    def save(**final) -> dict:  # the rows so far, with the targets and complete = True once the run ends
+        results = {"machine": machine, "dense": setup.dense, "methods": methods, "rows": rows, "complete": False, **final,
+                   "seconds": round(time.perf_counter() - start, 1)}
+        write_json(path, results)
+        return results
+
+    def keep(new_rows: list[dict]) -> None:  # the rows reach the JSON as each method ends: a stopped run keeps them
         rows.extend(new_rows)
-        write_json(path, {"machine": machine, "dense": setup.dense, "methods": methods, "rows": rows, "complete": False,
-                          "seconds": round(time.perf_counter() - start, 1)})
+        save()
 
     long_budget = 1.0 if args.epochs is None else args.epochs
     short_budget = 1.0 if args.other_epochs is None else args.other_epochs
@@ -329,9 +334,7 @@ def main() -> None:
         bound = f" ({'<=' if t.get('lower_is_better') else '>='} {t['target']})" if "target" in t else ""
         log(f"  {name}: {t['value']}{bound} {'met' if t['met'] else 'NOT met'}")
     plot(rows, setup.dense["test"], path.with_suffix(".png"))
-    results = {"machine": machine, "dense": setup.dense, "methods": methods, "rows": rows, "targets": targets, "complete": True,
-               "seconds": round(time.perf_counter() - start, 1)}
-    write_json(path, results)
+    results = save(targets=targets, complete=True)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
 
 
