@@ -51,14 +51,15 @@ from graphprune.training.data import load_rotten_tomatoes
 from graphprune.training.models import load_minilm, load_tokenizer
 from graphprune.training.timing import compare_latency, time_interleaved
 from graphprune.app.workflow import latency_batch
+from learned import STRUCTURED_TRAINING  # bench/learned.py
 from mixed_precision import COLUMNS as WIDTH_COLUMNS, compare_widths, four_bit_target, sensitivity  # bench/mixed_precision.py
 from report import machine as describe_machine, machine_line, save_figure, table, write_json  # bench/report.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEMO_RECOVERY = {"learning_rate": 5e-5, "warmup_ratio": 0.1}  # the demo's recovery, as the demo runs it
-# the search's recovery trains like bench/learned.py's structured points: lr 1e-4 with logits and layer-wise
-# hidden distillation (K-prune and Wanda keep the teacher's hidden size); chosen there on the validation split
-RECOVERY = {"learning_rate": 1e-4, "warmup_ratio": 0.1, "kd_hidden_weight": 1.0}
+# the search's recovery trains like bench/learned.py's structured points (lr 1e-4 with logits and layer-wise hidden
+# distillation: K-prune and Wanda keep the teacher's hidden size), chosen there on the validation split
+RECOVERY = {**STRUCTURED_TRAINING, "warmup_ratio": 0.1}
 
 
 def log(*args):
