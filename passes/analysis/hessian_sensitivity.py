@@ -8,7 +8,10 @@ noise, pruning), from the Hessian block of the task loss over calibration batche
   the calibration batches, reported as mean and standard deviation (Q-BERT, Shen et
   al. 2020, ranks layers by mean + std);
 - the trace by Hutchinson's estimator over all batches (HAWQ-v2, Dong et al. 2020),
-  also per parameter (the average eigenvalue).
+  also per parameter (the average eigenvalue); with ``joint_trace`` every group's trace
+  comes from the same products with the whole Hessian (PyHessian's layer-wise trace):
+  as many products as probes whatever the number of groups, which is what makes the
+  traces of every Linear affordable.
 
 Groups (config ``granularity``): ``layer`` (default) takes the weights of every Linear
 of an encoder layer together; ``linear`` takes each encoder Linear's weight alone.
@@ -25,11 +28,16 @@ Config fields:
     names: a regular expression; only the encoder Linears whose node name it matches (``re.search``) are
         measured (default: all of them).
     num_samples: calibration examples with labels (default 96).
+    eigenvalue: measure the top eigenvalue (default true); false leaves ``eigenvalue`` and ``sensitivity``
+        None (mixed_precision then allocates by the trace only).
     subsets: disjoint subsets of the calibration batches for the eigenvalue (default 3);
         needs at least that many batches.
     iterations: at most this many power-iteration products per subset (default 20).
     tolerance: stop when the eigenvalue moves by at most this share of itself (default 1e-3).
     trace_samples: Rademacher vectors for the trace (default 8; 0 skips it).
+    joint_trace: one Hessian-vector product over all groups' weights per probe gives every group's trace
+        (default false: a product per group and probe, lower variance; true costs ``trace_samples`` products
+        in all, the way to measure 36 Linears).
     seed: for the calibration subset and the random vectors.
     progress: a progress bar over groups (default true).
 
@@ -54,7 +62,7 @@ from graphprune.infra.config import ConfigError, check_choice, check_range
 from graphprune.ir.masks import unmasked_weight
 from graphprune.ir.metadata import key
 from graphprune.training.calibration import calibration_batches
-from graphprune.training.hessian import hessian_vector_product, hutchinson_trace, top_eigenvalue
+from graphprune.training.hessian import hessian_vector_product, hutchinson_block_traces, hutchinson_trace, top_eigenvalue
 
 from .init_metadata import nodes_by_section
 
@@ -67,10 +75,12 @@ class HessianSensitivityConfig:
     granularity: str = "layer"
     names: str | None = None
     num_samples: int = 96
+    eigenvalue: bool = True
     subsets: int = 3
     iterations: int = 20
     tolerance: float = 1e-3
     trace_samples: int = 8
+    joint_trace: bool = False
     seed: int = 0
     progress: bool = True
 
@@ -86,6 +96,8 @@ class HessianSensitivityConfig:
         check_range("iterations", self.iterations, 1, 10_000)
         check_range("tolerance", self.tolerance, 0, 1, high_open=True)
         check_range("trace_samples", self.trace_samples, 0, 10_000)
+        if not self.eigenvalue and not self.trace_samples:
+            raise ConfigError("trace_samples", 0, "at least 1 when eigenvalue = false (else nothing is measured)")
 
 
 def weight_groups(graph, granularity: str, names: str | None = None) -> list[dict]:
@@ -125,7 +137,7 @@ def hessian_sensitivity(graph, config: HessianSensitivityConfig, data=None):
                          "int8 graph has none: measure sensitivity before lower)")
     batches = calibration_batches(graph, data, num_samples=config.num_samples, seed=config.seed, caller=f"pass '{NAME}'",
                                   needs_targets=True)
-    if len(batches) < config.subsets:
+    if config.eigenvalue and len(batches) < config.subsets:
         raise ValueError(f"pass '{NAME}': field 'subsets' = {config.subsets} is not allowed; expected at most the "
                          f"{len(batches)} calibration batches (raise num_samples or lower the batch size)")
     batches = [{k: v.to(graph.device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
@@ -139,22 +151,27 @@ def hessian_sensitivity(graph, config: HessianSensitivityConfig, data=None):
     try:
         for p in flags:
             p.requires_grad_(True)
-        for group in tqdm(groups, desc=NAME, unit="group", disable=not config.progress):
+        joint = _joint_traces(gm, groups, batches, config, generator, graph.device) if config.joint_trace and config.trace_samples else None
+        for index, group in enumerate(tqdm(groups, desc=NAME, unit="group", disable=not config.progress or (not config.eigenvalue and joint is not None))):
             params, shapes = group["params"], [p.shape for p in group["params"]]
             eigenvalues, steps = [], []
-            for subset in subsets:
+            for subset in subsets if config.eigenvalue else ():
                 value, used = top_eigenvalue(hessian_vector_product(gm, params, subset), shapes, iterations=config.iterations,
                                              tolerance=config.tolerance, generator=generator, device=graph.device)
                 eigenvalues.append(value)
                 steps.append(used)
             size = sum(p.numel() for p in params)
-            trace = (hutchinson_trace(hessian_vector_product(gm, params, batches), shapes, samples=config.trace_samples,
-                                      generator=generator, device=graph.device) if config.trace_samples else None)
-            mean = statistics.fmean(eigenvalues)
-            std = statistics.pstdev(eigenvalues) if len(eigenvalues) > 1 else 0.0
+            if joint is not None:
+                trace = joint[index]
+            else:
+                trace = (hutchinson_trace(hessian_vector_product(gm, params, batches), shapes, samples=config.trace_samples,
+                                          generator=generator, device=graph.device) if config.trace_samples else None)
+            mean = statistics.fmean(eigenvalues) if eigenvalues else None
+            std = (statistics.pstdev(eigenvalues) if len(eigenvalues) > 1 else 0.0) if eigenvalues else None
             records.append({"name": group["name"], "layer": group["layer"], "linears": group["linears"], "params": size,
-                            "eigenvalues": eigenvalues, "eigenvalue": mean, "eigenvalue_std": std, "sensitivity": mean + std,
-                            "iterations": steps, "trace": trace, "trace_per_param": None if trace is None else trace / size})
+                            "eigenvalues": eigenvalues, "eigenvalue": mean, "eigenvalue_std": std,
+                            "sensitivity": None if mean is None else mean + std, "iterations": steps,
+                            "trace": trace, "trace_per_param": None if trace is None else trace / size})
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
@@ -170,12 +187,32 @@ def hessian_sensitivity(graph, config: HessianSensitivityConfig, data=None):
     return graph, {"groups": len(records), "table": sensitivity_table(records), "seconds": round(time.perf_counter() - start, 2)}
 
 
+def _joint_traces(gm, groups, batches, config, generator, device) -> list[float]:
+    """Every group's Hutchinson trace from products with the Hessian of all the groups' weights together."""
+    params = [p for g in groups for p in g["params"]]
+    hvp = hessian_vector_product(gm, params, batches)
+    bar = tqdm(total=config.trace_samples, desc=f"{NAME} (joint trace)", unit="probe", disable=not config.progress, leave=False)
+
+    def counted(vector):
+        out = hvp(vector)
+        bar.update(1)
+        return out
+
+    try:
+        return hutchinson_block_traces(counted, [p.shape for p in params], [len(g["params"]) for g in groups],
+                                       samples=config.trace_samples, generator=generator, device=device)
+    finally:
+        bar.close()
+
+
 def sensitivity_table(records: list[dict]) -> str:
     lines = [f"Hessian sensitivity ({NAME}): top eigenvalue over subsets (Q-BERT) and Hutchinson trace (HAWQ-v2)",
              f"{'group':<40} {'params':>9} {'eig mean':>10} {'eig std':>9} {'mean+std':>10} {'trace/param':>12}"]
+    def number(value, width: int, digits: int) -> str:  # "-" for what was not measured
+        return ("-" if value is None else f"{value:.{digits}g}").rjust(width)
+
     for r in records:
-        per_param = "-" if r["trace_per_param"] is None else f"{r['trace_per_param']:.4g}"
-        lines.append(f"{r['name']:<40} {r['params']:>9} {r['eigenvalue']:>10.4g} {r['eigenvalue_std']:>9.3g} "
-                     f"{r['sensitivity']:>10.4g} {per_param:>12}")
+        lines.append(f"{r['name']:<40} {r['params']:>9} {number(r['eigenvalue'], 10, 4)} {number(r['eigenvalue_std'], 9, 3)} "
+                     f"{number(r['sensitivity'], 10, 4)} {number(r['trace_per_param'], 12, 4)}")
     return "\n".join(lines)
 

@@ -115,10 +115,12 @@ def mixed_precision(graph, config: MixedPrecisionConfig):
     if not sensitivity:
         raise ValueError(f"pass '{NAME}' reads the Hessian sensitivity: run 'hessian_sensitivity' first (with calibration data)")
     groups = sensitivity["groups"]
-    missing = [g["name"] for g in groups if config.criterion == "trace" and g.get("trace_per_param") is None]
-    if missing:
-        raise ValueError(f"pass '{NAME}': field 'criterion' = 'trace' needs the traces, which hessian_sensitivity skipped "
-                         "(trace_samples = 0); measure them or use criterion = 'eigenvalue'")
+    measure = "trace_per_param" if config.criterion == "trace" else "sensitivity"
+    if any(g.get(measure) is None for g in groups):
+        skipped, field, other = (("the traces", "trace_samples = 0", "eigenvalue") if config.criterion == "trace"
+                                 else ("the eigenvalues", "eigenvalue = false", "trace"))
+        raise ValueError(f"pass '{NAME}': field 'criterion' = {config.criterion!r} needs {skipped}, which hessian_sensitivity "
+                         f"skipped ({field}); measure them or use criterion = {other!r}")
     names = {n.name for n in graph.nodes}
     gone = sorted(n for g in groups for n in g["linears"] if n not in names)
     if gone:
@@ -132,7 +134,7 @@ def mixed_precision(graph, config: MixedPrecisionConfig):
     for g in groups:
         # magnitudes: at a fine-tuned minimum the curvature is positive, but a short power iteration or a
         # few Hutchinson probes can come out negative, and a negative weight would reward the error
-        scale = abs(g["trace_per_param"] if config.criterion == "trace" else g["sensitivity"])
+        scale = abs(g[measure])
         errors.append({w: scale * sum(float((quantized[w][n] - originals[n]).double().pow(2).sum()) for n in g["linears"])
                        for w in config.widths})
         sizes.append(sum(originals[n].numel() for n in dict.fromkeys(g["linears"])))

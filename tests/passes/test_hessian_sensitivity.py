@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import graphprune
 from graphprune.training.calibration import CalibrationData, calibration_batches
-from graphprune.training.hessian import hutchinson_trace, rademacher, top_eigenvalue
+from graphprune.training.hessian import hutchinson_block_traces, hutchinson_trace, rademacher, top_eigenvalue
 from tests.models import make_model, sentiment_data, tiny_tokenizer, trace_once
 
 LINEAR = "bert_encoder_layer_1_attention_self_value"  # 32 x 32: a 1024 x 1024 Hessian
@@ -23,19 +23,21 @@ def trained_graph():
     return graph
 
 
-def explicit_hessian(graph, target: str, batches) -> torch.Tensor:
-    """d2 (mean loss over all examples) / dW2 of one Linear's weight, by torch.autograd.functional.hessian."""
+def explicit_hessian(graph, target: str | list[str], batches) -> torch.Tensor:
+    """d2 (mean loss over all examples) / dW2 of one Linear's weight (or of several, flattened and joined in order)."""
     gm = graph.module.eval()
-    name = f"{graph.node(target).target}.weight"
-    weight = dict(gm.named_parameters())[name].detach()
+    names = [f"{graph.node(t).target}.weight" for t in ([target] if isinstance(target, str) else target)]
+    params = dict(gm.named_parameters())
+    weights = [params[n].detach() for n in names]
     total = sum(len(b["input_ids"]) for b in batches)
 
     def loss(flat):
-        w = flat.reshape(weight.shape)
-        return sum(functional_call(gm, {name: w}, args=(), kwargs=b)["loss"] * len(b["input_ids"]) / total for b in batches)
+        pieces = torch.split(flat, [w.numel() for w in weights])
+        values = {n: piece.reshape(w.shape) for n, piece, w in zip(names, pieces, weights)}
+        return sum(functional_call(gm, values, args=(), kwargs=b)["loss"] * len(b["input_ids"]) / total for b in batches)
 
     with sdpa_kernel([SDPBackend.MATH]):  # the fused kernels have no second derivative
-        return torch.autograd.functional.hessian(loss, weight.flatten(), vectorize=True).double()
+        return torch.autograd.functional.hessian(loss, torch.cat([w.flatten() for w in weights]), vectorize=True).double()
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +78,59 @@ def test_hutchinson_trace_is_the_mean_of_v_h_v_and_estimates_the_trace(setup):
     assert abs(estimate - float(hessian.trace())) <= 4 * float(spread)
 
 
+def test_block_traces_from_whole_hessian_products():
+    """Two blocks of a known symmetric matrix: each block's estimate is the mean of v_g^T (H v)_g and near tr(H_gg)."""
+    torch.manual_seed(0)
+    a = torch.randn(40, 40, dtype=torch.float64)
+    matrix = a @ a.T / 40 + torch.diag(torch.linspace(0.5, 3.0, 40, dtype=torch.float64))
+    shapes = [torch.Size([4, 5]), torch.Size([10]), torch.Size([2, 0]), torch.Size([10])]  # blocks: 30 entries, then 10
+    bounds = [slice(0, 30), slice(30, 40)]
+
+    def hvp(vector):
+        flat = matrix @ torch.cat([v.flatten().double() for v in vector])
+        return [piece.float().reshape(s) for piece, s in zip(torch.split(flat, [s.numel() for s in shapes]), shapes)]
+
+    estimates = hutchinson_block_traces(hvp, shapes, [2, 2], samples=400, generator=torch.Generator().manual_seed(1))
+    again = torch.Generator().manual_seed(1)
+    vectors = [torch.cat([x.flatten().double() for x in rademacher(shapes, again)]) for _ in range(400)]
+    for estimate, block in zip(estimates, bounds):
+        assert estimate == pytest.approx(float(sum(v[block] @ (matrix[block] @ v) for v in vectors) / 400), rel=1e-4)
+        # the variance of v_g^T (H v)_g is 2 * (sum of the squared entries of H's rows in g, less the block's diagonal)
+        spread = (2 * (matrix[block].pow(2).sum() - matrix[block, block].diagonal().pow(2).sum()) / 400).sqrt()
+        assert abs(estimate - float(matrix[block, block].trace())) <= 4 * float(spread)
+    with pytest.raises(ValueError, match="3 tensors but there are 4 shapes"):
+        hutchinson_block_traces(hvp, shapes, [2, 1], samples=1, generator=torch.Generator())
+
+
+def test_joint_trace_of_one_group_is_its_block_trace_and_skips_the_eigenvalue(setup):
+    graph, hessian = setup
+    config = {"granularity": "linear", "names": "layer_1_attention_self_value$", "eigenvalue": False, "trace_samples": 5, "progress": False}
+    [block] = graphprune.run_pass(graph, "hessian_sensitivity", config, data=data())[0].meta["sensitivity"]["groups"]
+    out, info = graphprune.run_pass(graph, "hessian_sensitivity", {**config, "joint_trace": True}, data=data())
+    [joint] = out.meta["sensitivity"]["groups"]
+    assert joint["trace"] == pytest.approx(block["trace"], rel=1e-6)  # the same probes, the same products
+    assert joint["eigenvalue"] is None and joint["sensitivity"] is None and joint["eigenvalues"] == []
+    assert " - " in info["table"]
+
+
+def test_joint_traces_are_the_block_means_of_v_h_v_over_the_explicit_joint_hessian(setup):
+    graph, _ = setup
+    linears = ["bert_encoder_layer_1_attention_self_query", LINEAR]
+    config = {"granularity": "linear", "names": "layer_1_attention_self_(query|value)$", "eigenvalue": False, "trace_samples": 6,
+              "joint_trace": True, "seed": 2, "progress": False}
+    out, _ = graphprune.run_pass(graph, "hessian_sensitivity", config, data=data())
+    groups = out.meta["sensitivity"]["groups"]
+    assert [g["linears"] for g in groups] == [[n] for n in linears]
+    batches = calibration_batches(graph, data(), num_samples=96, seed=2, caller="test", needs_targets=True)
+    hessian = explicit_hessian(graph, linears, batches)  # 2048 x 2048: both weights together
+    shapes = [torch.Size([32, 32])] * 2
+    again = torch.Generator().manual_seed(2)  # the pass's generator, drawing the same probes in the same order
+    vectors = [torch.cat([x.flatten().double() for x in rademacher(shapes, again)]) for _ in range(6)]
+    for group, block in zip(groups, (slice(0, 1024), slice(1024, 2048))):
+        expected = float(sum(v[block] @ (hessian[block] @ v) for v in vectors) / 6)
+        assert group["trace"] == pytest.approx(expected, rel=1e-3, abs=1e-9)
+
+
 def test_power_iteration_on_a_known_matrix():
     matrix = torch.diag(torch.tensor([5.0, -2.0, 1.0, 0.5]))
     value, steps = top_eigenvalue(lambda v: [matrix @ v[0]], [torch.Size([4])], iterations=200, tolerance=1e-9,
@@ -107,6 +162,7 @@ def test_layer_groups_subsets_and_the_graph_left_as_it_was(setup):
         ({"names": "("}, True, ["names", "regular expression"]),
         ({"names": "no_such"}, True, ["names = 'no_such'"]),
         ({}, False, ["needs labelled calibration data"]),
+        ({"eigenvalue": False, "trace_samples": 0}, True, ["trace_samples", "eigenvalue = false"]),
     ],
 )
 def test_bad_input_is_a_clear_error(config, data_arg, words):

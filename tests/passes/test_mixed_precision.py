@@ -85,15 +85,18 @@ def test_a_negative_estimate_counts_by_its_magnitude():
         ({"criterion": "curvature"}, "meta", ["criterion", "curvature"]),
         ({"entry": {"weight_width": 3}}, "meta", ["entry.weight_width"]),
         ({}, "no_trace", ["trace_samples = 0", "eigenvalue"]),
+        ({"criterion": "eigenvalue"}, "no_eigenvalue", ["eigenvalue = false", "criterion = 'trace'"]),
     ],
 )
 def test_bad_input_is_a_clear_error(config, prepare, words):
     graph = trace_once(make_model())
     if prepare:
         graph = with_sensitivity(graph, (1.0, 2.0))
-        if prepare == "no_trace":
-            for group in graph.meta["sensitivity"]["groups"]:
+        for group in graph.meta["sensitivity"]["groups"]:
+            if prepare == "no_trace":
                 group["trace_per_param"] = None
+            if prepare == "no_eigenvalue":
+                group["sensitivity"] = None
     code = graph.module.code
     with pytest.raises(ValueError) as error:
         graphprune.run_pass(graph, "mixed_precision", config)
