@@ -152,7 +152,8 @@ def hessian_sensitivity(graph, config: HessianSensitivityConfig, data=None):
         for p in flags:
             p.requires_grad_(True)
         joint = _joint_traces(gm, groups, batches, config, generator, graph.device) if config.joint_trace and config.trace_samples else None
-        for index, group in enumerate(tqdm(groups, desc=NAME, unit="group", disable=not config.progress or (not config.eigenvalue and joint is not None))):
+        quick = not config.eigenvalue and joint is not None  # nothing left to do per group: no bar
+        for index, group in enumerate(tqdm(groups, desc=NAME, unit="group", disable=not config.progress or quick)):
             params, shapes = group["params"], [p.shape for p in group["params"]]
             eigenvalues, steps = [], []
             for subset in subsets if config.eigenvalue else ():
@@ -208,6 +209,7 @@ def _joint_traces(gm, groups, batches, config, generator, device) -> list[float]
 def sensitivity_table(records: list[dict]) -> str:
     lines = [f"Hessian sensitivity ({NAME}): top eigenvalue over subsets (Q-BERT) and Hutchinson trace (HAWQ-v2)",
              f"{'group':<40} {'params':>9} {'eig mean':>10} {'eig std':>9} {'mean+std':>10} {'trace/param':>12}"]
+
     def number(value, width: int, digits: int) -> str:  # "-" for what was not measured
         return ("-" if value is None else f"{value:.{digits}g}").rjust(width)
 
