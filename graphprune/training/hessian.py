@@ -93,12 +93,9 @@ def rademacher(shapes: Sequence[torch.Size], generator: torch.Generator, device=
 
 
 def hutchinson_trace(hvp: HVP, shapes: Sequence[torch.Size], *, samples: int, generator: torch.Generator, device=None) -> float:
-    """The trace of the block: the mean of ``v^T H v`` over ``samples`` Rademacher vectors."""
-    total = 0.0
-    for _ in range(samples):
-        v = rademacher(shapes, generator, device)
-        total += _dot(v, hvp(v))
-    return total / samples
+    """The trace of the block: the mean of ``v^T H v`` over ``samples`` Rademacher vectors (one block of
+    :func:`hutchinson_block_traces`)."""
+    return hutchinson_block_traces(hvp, shapes, [len(shapes)], samples=samples, generator=generator, device=device)[0]
 
 
 def hutchinson_block_traces(hvp: HVP, shapes: Sequence[torch.Size], groups: Sequence[int], *, samples: int,

@@ -152,8 +152,8 @@ def hessian_sensitivity(graph, config: HessianSensitivityConfig, data=None):
         for p in flags:
             p.requires_grad_(True)
         joint = _joint_traces(gm, groups, batches, config, generator, graph.device) if config.joint_trace and config.trace_samples else None
-        quick = not config.eigenvalue and joint is not None  # nothing left to do per group: no bar
-        for index, group in enumerate(tqdm(groups, desc=NAME, unit="group", disable=not config.progress or quick)):
+        nothing_per_group = not config.eigenvalue and joint is not None  # then no bar over groups
+        for index, group in enumerate(tqdm(groups, desc=NAME, unit="group", disable=not config.progress or nothing_per_group)):
             params, shapes = group["params"], [p.shape for p in group["params"]]
             eigenvalues, steps = [], []
             for subset in subsets if config.eigenvalue else ():
