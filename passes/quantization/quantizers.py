@@ -28,7 +28,7 @@ from graphprune.ir.metadata import key
 from graphprune.ir.modules import AttentionCore
 
 from ..pruning.prune_activation import MARK as ACTIVATION_PRUNE  # on the nodes prune_activation inserts
-from .formats import average_bits, quantizer
+from .format_specs import average_bits, quantizer
 
 aten = torch.ops.aten
 

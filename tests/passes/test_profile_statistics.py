@@ -13,7 +13,7 @@ from torch import nn
 import graphprune
 from graphprune.infra.config import ConfigError
 from graphprune.training.calibration import CalibrationData
-from passes.quantization.formats import quantizer
+from passes.quantization.format_specs import quantizer
 from passes.quantization.quantizers import Quantizer
 
 from ..models import make_model, max_diff, sentiment_data, tiny_tokenizer, trace_once, widened_model
