@@ -71,7 +71,7 @@ from graphprune.ir.metadata import key
 from graphprune.ir.shapes import dim_names, shape_list
 from graphprune.training.calibration import CalibrationData, calibration_batches, model_inputs
 
-from .formats import RANGE_PERCENTILES, quantiles
+from .formats import RANGE_PERCENTILES
 from .quantizers import (
     ACTIVATION_PRUNE,
     INSERTED,
@@ -82,6 +82,7 @@ from .quantizers import (
     is_float,
     op_type,
 )
+from .running_statistics import RunningStatistics, tensor_statistics
 from ..analysis.init_metadata import nodes_by_section
 
 NAME = "profile_statistics"
@@ -112,80 +113,6 @@ class ProfileStatisticsConfig:
                 raise ConfigError("percentiles", list(self.percentiles), "a list of percentages, each 0 <= p <= 100")
         object.__setattr__(self, "percentiles", tuple(sorted(set(self.percentiles))))
         check_range("max_values", self.max_values, 1, 2**24)  # torch.quantile's limit
-
-
-def percentile_key(p: float) -> str:
-    """The JSON key of percentile ``p``: ``"0.1"``, ``"99.9"``, ``"50"`` (exact: the float's shortest repr)."""
-    return repr(float(p)).removesuffix(".0")
-
-
-class _Running:
-    """Moments merged batch by batch (Chan et al.), extremes, and a bounded uniform sample for percentiles."""
-
-    def __init__(self, keep: int, rng: np.random.Generator, gen: torch.Generator):
-        self.count, self.mean, self.m2, self.abs_sum = 0, 0.0, 0.0, 0.0
-        self.low, self.high = math.inf, -math.inf
-        self.keep, self.rng, self.gen = keep, rng, gen
-        self.sample: torch.Tensor | None = None
-
-    def add(self, values: torch.Tensor) -> None:
-        v = values.detach().reshape(-1)
-        n = v.numel()
-        if n == 0:
-            return
-        d = v.double()
-        mean = float(d.mean())
-        m2 = float(((d - mean) ** 2).sum())
-        total = self.count + n
-        delta = mean - self.mean
-        self.m2 += m2 + delta * delta * self.count * n / total
-        self.mean += delta * n / total
-        self.abs_sum += float(d.abs().sum())
-        self.low, self.high = min(self.low, float(d.min())), max(self.high, float(d.max()))
-        if self.keep:
-            self._sample(v.float(), n)
-        self.count = total
-
-    def _sample(self, v: torch.Tensor, n: int) -> None:
-        # A uniform sample of `keep` values out of all seen, without replacement: how many of
-        # the kept ones survive is hypergeometric, and a uniform subset of a uniform sample
-        # is uniform; so no per-value keys need to be stored.
-        if self.sample is None:
-            self.sample = v.new_empty(0, device="cpu")  # the sample is kept on the CPU, whatever the graph's device
-        if self.count + n <= self.keep:
-            self.sample = torch.cat([self.sample, v.cpu()])
-            return
-        old = int(self.rng.hypergeometric(self.count, n, self.keep))
-        kept = self.sample[torch.randperm(len(self.sample), generator=self.gen)[:old]]
-        new = v.cpu()[torch.randperm(n, generator=self.gen)[: self.keep - old]]
-        self.sample = torch.cat([kept, new])
-
-    def record(self, percentiles) -> dict:
-        out = {
-            "min": self.low, "max": self.high, "mean": self.mean,
-            "variance": self.m2 / (self.count - 1) if self.count > 1 else 0.0,
-            "abs_mean": self.abs_sum / self.count, "count": self.count,
-            "sample": len(self.sample) if self.sample is not None else 0,
-        }
-        if percentiles and self.sample is not None and len(self.sample):
-            out["percentiles"] = _percentiles(self.sample, percentiles)
-        return out
-
-
-def tensor_statistics(x: torch.Tensor, percentiles=RANGE_PERCENTILES) -> dict:
-    """The record of one whole tensor (a weight): exact moments and exact percentiles."""
-    run = _Running(0, None, None)
-    run.add(x)
-    out = run.record(())
-    out["sample"] = out["count"]
-    if percentiles and x.numel():
-        out["percentiles"] = _percentiles(x, percentiles)
-    return out
-
-
-def _percentiles(values: torch.Tensor, percentiles) -> dict[str, float]:
-    found = quantiles(values, [p / 100 for p in percentiles]).tolist()
-    return {percentile_key(p): float(q) for p, q in zip(percentiles, found)}
 
 
 def float_tensor(module: nn.Module, name: str) -> torch.Tensor | None:
@@ -301,12 +228,12 @@ class _Recorder(fx.Interpreter):
 def _profile(graph, batches, watch, cores, config) -> tuple[dict, int]:
     gm = graph.module
     rng, gen = np.random.default_rng(config.seed), torch.Generator().manual_seed(config.seed)
-    running: dict[tuple[fx.Node, str], _Running] = {}
+    running: dict[tuple[fx.Node, str], RunningStatistics] = {}
     for source, uses in watch.items():
         for use in uses:
-            running[use] = _Running(config.max_values if config.percentiles else 0, rng, gen)
+            running[use] = RunningStatistics(config.max_values if config.percentiles else 0, rng, gen)
     for core in cores:
-        running[(core, "probs")] = _Running(config.max_values if config.percentiles else 0, rng, gen)
+        running[(core, "probs")] = RunningStatistics(config.max_values if config.percentiles else 0, rng, gen)
     names = dim_names(gm)
     token_dims = {source: _token_dims(source, names) for source in watch}
     state: dict = {}
