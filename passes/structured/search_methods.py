@@ -16,7 +16,7 @@ from graphprune.training.reconstruction import cross_moments, least_squares_scal
 
 from .importance import mask_gradients
 
-NAME = "structured_search"
+NAME = "structured_search"  # the pass these methods serve, named in their errors; defined once, here
 
 
 @dataclass

@@ -41,9 +41,8 @@ from graphprune.training.calibration import calibration_batches
 from ..analysis.add_common_metadata import CommonMetadataConfig, add_common_metadata
 from .blocks import StructureError, attention_blocks, ffn_blocks, finish_surgery, slice_heads, slice_neurons
 from .costs import median_ms, head_flops, latency_table, neuron_flops
-from .search_methods import Budget, kprune, kwon, take_examples
+from .search_methods import NAME, Budget, kprune, kwon, take_examples
 
-NAME = "structured_search"
 METHODS = ("kwon", "kprune")
 
 
