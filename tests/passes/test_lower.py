@@ -288,13 +288,18 @@ def test_missing_kernels_are_errors_naming_what_is_missing(model, monkeypatch):
     graph = trace_once(model)
     before = graph.module.code
     monkeypatch.setattr(cpu, "cpu_flags", lambda: {"avx2", "avx512f"})
-    with pytest.raises(Exception, match="avx512_bf16"):
+    # what the machine lacks: a LowerError, which run_pass reports as the pass failing
+    with pytest.raises(graphprune.PassError, match="pass 'lower' failed: LowerError: .*native bf16.*avx512_bf16") as missing:
         graphprune.run_pass(graph, "lower", {"precision": "bf16"})
+    assert type(missing.value.__cause__) is lower_module.LowerError
     monkeypatch.setattr(lower_module, "cxx_compiler", lambda: None)
-    with pytest.raises(Exception, match="C\\+\\+ compiler"):
+    with pytest.raises(graphprune.PassError, match="pass 'lower' failed: LowerError: .*C\\+\\+ compiler.*compile = false") as missing:
         graphprune.run_pass(graph, "lower", {"compile": True}, data=calibration())
-    with pytest.raises(Exception, match="calibration data"):
+    assert type(missing.value.__cause__) is lower_module.LowerError
+    # what the caller left out: a ValueError, as for a bad config
+    with pytest.raises(ValueError, match=r"^lower \(static int8\) needs calibration data: pass data=") as missing:
         graphprune.run_pass(graph, "lower", {"compile": False})
+    assert type(missing.value) is ValueError
     assert graph.module.code == before
 
 
@@ -366,7 +371,13 @@ def test_a_cpu_that_is_not_x86_gets_a_clear_error_and_the_rest_works(model, monk
         graphprune.run_pass(graph, "lower", {"compile": False}, data=calibration())
     pruned, _ = graphprune.run_pass(graph, "prune_weight", {"method": "l1", "sparsity": 0.5})
     assert cpu.cpu_description()["onednn_isa"] is None
-    assert pruned.summary() is not None
+    rows = {row["layer"]: row for row in pruned.summary().rows}
+    assert [rows[layer]["weight_sparsity"] for layer in ("0", "1", "head")] == [0.5, 0.5, 0.0]
+    assert [(rows[layer]["heads"], rows[layer]["ffn_width"]) for layer in ("0", "1")] == [(4, 64), (4, 64)]  # unstructured
+    linears = [m for m in pruned.module.modules() if isinstance(m, torch.nn.Linear)]
+    zeros = sum(int((m.weight == 0).sum()) for m in linears) / sum(m.weight.numel() for m in linears)
+    assert rows["total"]["weight_sparsity"] == pytest.approx(zeros, abs=1e-4) and zeros > 0.45  # the head's weights are dense
+    assert "lowered" not in str(pruned.summary())
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")

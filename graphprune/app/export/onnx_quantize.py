@@ -107,6 +107,23 @@ class _Reader:
         return next(self._feeds, None)
 
 
+def _with_inferred_types(model):
+    """``model`` with the type and shape of every tensor, ONNX Runtime's fused operators' outputs included.
+
+    Static calibration only measures tensors whose type it knows, and ONNX's own
+    inference cannot type the optimizer's contrib operators (``SkipLayerNormalization``,
+    ``BiasGelu``): without this, every Linear fed by one of them would keep float
+    activations (weight-only int8). ONNX Runtime's symbolic inference knows them.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception as error:  # an operator it does not know: calibrating fewer Linears is still correct
+        logging.getLogger(__name__).warning("export onnx: symbolic shape inference failed (%s); some Linears keep float activations", error)
+        return model
+
+
 def quantize(float_file: Path, out_file: Path, mode: str, scheme: str, feeds, candidates: dict[str, str]) -> dict:
     """Quantize the nodes named in ``candidates`` of ``float_file`` into ``out_file``; returns the manifest fields.
 
@@ -124,6 +141,8 @@ def quantize(float_file: Path, out_file: Path, mode: str, scheme: str, feeds, ca
     if not chosen:  # an empty list would mean "every node" to ONNX Runtime
         raise ExportError(f"export onnx: found no Linear layer to quantize to int8 in the exported graph ({len(candidates)} candidates)")
     embeddings = quantize_embedding_rows(model, {name for name, kind in candidates.items() if kind == "embedding"})
+    if mode == "static":
+        model = _with_inferred_types(model)
     prepared = float_file.with_name(f".prepared-{uuid.uuid4().hex[:8]}.onnx")
     onnx.save(model, str(prepared))
     logger = logging.getLogger()  # the quantizer logs on the root logger: advice and types it re-infers
