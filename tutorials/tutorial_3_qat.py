@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 import graphprune
 from graphprune.training.baseline import baseline_or_pretrained
 from graphprune.training.calibration import CalibrationData
@@ -97,8 +99,11 @@ def main(quick: bool) -> None:
         lowered.save(Path(tmp) / "int8")
         again = graphprune.load(Path(tmp) / "int8")
         size = (Path(tmp) / "int8" / "model.safetensors").stat().st_size
+        inputs = dict(tokenizer(test.texts[:8], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+        with torch.no_grad():
+            same = torch.equal(again.module(**inputs).logits, lowered.module(**inputs).logits)
         print(f"[6] int8 checkpoint: {size / 1e6:.1f} MB (fp32: {info['float_weight_bytes'] / 1e6:.1f} MB; the word "
-              f"embeddings stay fp32) and reloaded: accuracy {accuracy(again):.4f}")
+              f"embeddings stay fp32) and reloaded: accuracy {accuracy(again):.4f}, outputs bit-identical = {same}")
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'stage'.ljust(width)}  accuracy")

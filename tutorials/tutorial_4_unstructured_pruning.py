@@ -17,6 +17,8 @@ workflow, not the numbers.
 import argparse
 import time
 
+import torch
+
 import graphprune
 from graphprune.training.baseline import baseline_or_pretrained
 from graphprune.training.calibration import CalibrationData
@@ -68,7 +70,11 @@ def main(quick: bool) -> None:
         committed.save(Path(tmp) / "sparse")
         again = graphprune.load(Path(tmp) / "sparse")
         size = (Path(tmp) / "sparse" / "model.safetensors").stat().st_size
-    print(f"[5] committed sparsegpt graph saved ({size / 1e6:.1f} MB of weights) and reloaded: accuracy {accuracy(again):.4f}")
+    batch = dict(tokenizer(test.texts[:8], padding=True, truncation=True, max_length=64, return_tensors="pt"))
+    with torch.no_grad():
+        same = torch.equal(again.module(**batch).logits, one_shot.module(**batch).logits)
+    print(f"[5] committed sparsegpt graph saved ({size / 1e6:.1f} MB of weights) and reloaded: accuracy {accuracy(again):.4f}, "
+          f"outputs bit-identical to the masked graph = {same}")
 
     width = max(len(r[0]) for r in rows)
     print(f"\n{'stage'.ljust(width)}  accuracy  note")

@@ -89,7 +89,9 @@ def main(quick: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         committed.save(Path(tmp) / "cofi")
         again = graphprune.load(Path(tmp) / "cofi")
-        print(f"    saved and reloaded: accuracy {accuracy(again):.4f}")
+        with torch.no_grad():
+            same = torch.equal(again.module.eval()(**batch).logits, committed.module.eval()(**batch).logits)
+        print(f"    saved and reloaded: accuracy {accuracy(again):.4f}, outputs bit-identical = {same}")
 
     # 4. LayerDrop: train once with layers dropped at random, choose the depth afterwards.
     dropped = dense.copy()
