@@ -2,8 +2,9 @@
 
 Run as ``accelerate launch --multi_gpu --num_processes 2 distributed_worker.py OUT`` (or
 plainly, for one process): fine-tunes a pruned tiny BERT (no dropout) for 5 steps with a
-global batch of 16 and writes ``OUT/rank<R>.json`` (its losses, how many masked weights
-are non-zero, the number of processes) and, from every rank, ``graph.save(OUT/graph)``.
+global batch of 16 and writes ``OUT/rank<R>.json`` (its losses, every tensor of the trained
+graph's state dict, how many masked weights are non-zero, the number of processes) and, from
+every rank, ``graph.save(OUT/graph)``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def masked_weights(graph) -> tuple[int, int]:
     return masked, nonzero
 
 
+def state_of(graph) -> dict[str, list]:
+    """Every parameter and buffer of the graph (masks and latent weights included), flattened, as JSON takes them."""
+    return {name: tensor.detach().flatten().tolist() for name, tensor in graph.module.state_dict().items()}
+
+
 def run(out: Path, batch_size: int = BATCH) -> dict:
     graph = pruned_tiny_graph()
     result = graphprune.finetune(graph, sentiment_data(96), tiny_tokenizer(), max_steps=STEPS, batch_size=batch_size,
@@ -50,8 +56,7 @@ def run(out: Path, batch_size: int = BATCH) -> dict:
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     masked, nonzero = masked_weights(graph)
-    report = {"losses": result.losses, "masked": masked, "masked_nonzeros": nonzero, "processes": world,
-              "weights": graph.module.get_submodule("bert.encoder.layer.0.intermediate.dense").weight.detach().flatten()[:64].tolist()}
+    report = {"losses": result.losses, "masked": masked, "masked_nonzeros": nonzero, "processes": world, "state": state_of(graph)}
     graph.save(out / "graph")
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     return report

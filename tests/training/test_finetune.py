@@ -3,13 +3,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers as tf
 from torch.nn.utils import prune
 
 import graphprune
 from graphprune.training.schedule import GradualPruning, cubic_sparsity
 from graphprune.training.finetune import distillation_loss
 
-from ..models import make_model, sentiment_data, tiny_tokenizer, trace_once
+from ..models import TINY, make_model, sentiment_data, tiny_tokenizer, trace_once
 
 
 @pytest.fixture
@@ -90,14 +91,45 @@ def test_distillation_over_tokens_skips_padding_and_averages_logits_fields():
     assert out.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_distillation_from_a_teacher_graph(tiny):
-    graph, tokenizer = tiny
+def pure_kd(student_logits, teacher_logits, temperature, rows=None):
+    """T^2 * KL(teacher_T || student_T) averaged over ``rows`` (all rows by default), written out."""
+    p = torch.softmax(teacher_logits / temperature, -1)
+    kl = (p * (torch.log(p) - torch.log_softmax(student_logits / temperature, -1))).sum(-1)
+    return temperature**2 * (kl if rows is None else kl[rows]).mean()
+
+
+def test_distillation_pulls_the_student_to_a_teacher_that_contradicts_the_labels():
+    # no dropout, so the first step's loss can be computed by hand
+    torch.manual_seed(0)
+    model = tf.BertForSequenceClassification(tf.BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    graph, tokenizer = trace_once(model.eval()), tiny_tokenizer()
     teacher = graph.copy()
+    with torch.no_grad():  # the teacher reads every snippet as positive: against the labels on the negative half
+        teacher.module.get_submodule("classifier").bias.copy_(torch.tensor([-3.0, 3.0]))
     teacher_params = {k: v.clone() for k, v in teacher.module.state_dict().items()}
-    result = graphprune.finetune(graph, sentiment_data(32), tokenizer, teacher=teacher, kd_weight=1.0, max_steps=3, batch_size=8, progress=False)
-    assert result.steps == 3
-    # a student equal to its teacher has (but for the student's dropout) no pure-KD loss
-    assert result.losses[0] < 1e-3
+    data = sentiment_data(32)
+    collate = tf.DataCollatorWithPadding(tokenizer)
+    examples = [dict(tokenizer(text), labels=label) for text, label in zip(data.texts, data.labels)]
+    batch = collate(examples)
+    labels, inputs = batch.pop("labels"), batch
+    negative = labels == 0
+
+    def logits(g):
+        with torch.no_grad():
+            return g.module(**inputs).logits
+
+    student_before, teacher_logits = logits(graph), logits(teacher)
+    assert (teacher_logits.argmax(-1) == 1).all() and (student_before[negative].argmax(-1) == 0).all()
+    loader = torch.utils.data.DataLoader(examples, batch_size=8, collate_fn=collate)  # in order: the first batch is known
+    result = graphprune.finetune(graph, loader, teacher=teacher, kd_weight=1.0, max_steps=8, learning_rate=1e-2, warmup_ratio=0.0, progress=False)
+    assert result.steps == 8
+    # kd_weight 1: the first step's loss is the divergence from the teacher alone (default temperature 2)
+    assert result.losses[0] == pytest.approx(pure_kd(student_before[:8], teacher_logits[:8], 2.0).item(), rel=1e-5)
+    student_after = logits(graph)
+    # toward the teacher (to 0.36 of the divergence; 0.99 trained on the labels alone)
+    assert pure_kd(student_after, teacher_logits, 2.0) < 0.5 * pure_kd(student_before, teacher_logits, 2.0)
+    # and away from the labels where the teacher contradicts them (+1.35 nats; +0.01 trained on the labels alone)
+    assert F.cross_entropy(student_after[negative], labels[negative]) > F.cross_entropy(student_before[negative], labels[negative]) + 0.5
     assert all(torch.equal(v, teacher.module.state_dict()[k]) for k, v in teacher_params.items())
 
 
