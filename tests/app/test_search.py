@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -223,13 +224,55 @@ def test_mixed_precision_in_a_search_reuses_one_sensitivity_and_matches_the_pass
     assert [t["params"]["mixed_precision.average_bits"] for t in fresh[:2]] == [4, 8]
 
 
+# Loaded by the worker processes (and only them) through PYTHONPATH: each notes its start and exit, and holds its
+# first trial until both workers have started and every one still running has claimed a trial, so that a fast starter
+# cannot run every trial alone on a busy machine (after 60 s it goes on, and a lone worker fails the test below). It
+# logs "pid trial graphprune-file" for each trial a worker runs, a record apart from the study's.
+WORKER_HOOK = """
+import atexit, os, sys, time
+if "--worker-only" in sys.argv:
+    folder = {folder!r}
+    sys.path.insert(0, os.getcwd())  # -m adds it only after this runs; the workers must import the test's graphprune
+    open(os.path.join(folder, f"{{os.getpid()}}.started"), "w").close()
+    atexit.register(lambda: open(os.path.join(folder, f"{{os.getpid()}}.exited"), "w").close())
+    import graphprune
+    from graphprune.app.search.study import Worker
+    original = Worker.objective
+
+    def objective(self, trial):
+        with open(os.path.join(folder, "trials.log"), "a") as log:
+            log.write(f"{{os.getpid()}} {{trial.number}} {{graphprune.__file__}}\\n")
+        open(os.path.join(folder, f"{{os.getpid()}}.claimed"), "w").close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            names = os.listdir(folder)
+            started = {{n.split(".")[0] for n in names if n.endswith(".started")}}
+            waiting = started - {{n.split(".")[0] for n in names if n.endswith((".claimed", ".exited"))}}
+            if len(started) >= 2 and not waiting:
+                break
+            time.sleep(0.1)
+        return original(self, trial)
+
+    Worker.objective = objective
+"""
+
+
 @needs_rt
-def test_two_workers_share_a_journal_and_run_each_trial_once(tmp_path, checkpoint):
+def test_two_workers_share_a_journal_and_run_each_trial_once(tmp_path, checkpoint, monkeypatch):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(WORKER_HOOK.format(folder=str(hook)))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])]))
     path = write_job(tmp_path, checkpoint, search="trials = 4\nsampler = \"random\"")
     result = graphprune.search(path, workers=2, progress=False, log=lambda *a: None)
     trials = trials_of(path)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4 and result["completed"] == 4
-    assert len({t.user_attrs["worker"] for t in trials}) <= 2
+    runs = [line.split() for line in (hook / "trials.log").read_text().splitlines()]
+    assert {where for _, _, where in runs} == {graphprune.__file__}
+    assert sorted(int(number) for _, number, _ in runs) == [0, 1, 2, 3]  # each trial run once, all by the workers
+    pids = {int(pid) for pid, _, _ in runs}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert {int(t.user_attrs["worker"].rpartition(":")[2]) for t in trials} == pids
 
 
 @needs_rt

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 import transformers as tf
 
@@ -138,7 +137,6 @@ def test_expected_fraction_is_the_formula_and_differentiable():
 
 
 def test_finetune_trains_the_rank_gates():
-    pytest.importorskip("graphprune.training.lagrangian", reason="the Lagrangian controller (graphprune/training/lagrangian.py) is not written yet")
     _, graph = traced()
     factored, _ = graphprune.run_pass(graph, "factorize", {"target": 0.3, "init": 3.0})
     before = {r["gate"]: factored.module.get_submodule(r["gate"]).log_alpha.detach().clone() for r in factored.meta[GATES]["linears"]}
@@ -150,20 +148,6 @@ def test_finetune_trains_the_rank_gates():
     assert set(info["ranks"]) == {r.removesuffix("_rank_gate") for r in before}
 
 
-def _gates_run_in_fake_mode() -> bool:
-    try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            HardConcreteGate(2).eval()()
-        return True
-    except Exception:
-        return False
-
-
-@pytest.mark.skipif(
-    not _gates_run_in_fake_mode(),
-    reason="graphprune.load re-derives shapes in fake mode, where HardConcreteGate.forward (data-dependent top-k) fails; "
-    "needs gates.py to return an empty tensor of its shape under an active fake mode",
-)
 def test_gated_graph_saves_and_reloads(tmp_path):
     model, graph = traced()
     factored, _ = graphprune.run_pass(graph, "factorize", {"target": 0.5, "rank": 7})

@@ -19,14 +19,16 @@ def encoder_linears(model):
     return [model.get_submodule(f"bert.encoder.layer.{i}.{n}") for i in range(model.config.num_hidden_layers) for n in names]
 
 
-def hand_masked(model, sparsity: float, keep_sets=None):
+def hand_masked(model, sparsity: float, keep_sets=None, ffn_down_sparsity=None):
     """The eager model with each encoder Linear's input masked by hand: per token, keep the k largest |x|."""
     handles = []
     for index, module in enumerate(encoder_linears(model)):
-        def hook(m, args, index=index):
+        share = ffn_down_sparsity if ffn_down_sparsity is not None and index % len(ENCODER) == ENCODER.index("ffn_down") else sparsity
+
+        def hook(m, args, index=index, share=share):
             x = args[0]
             d = x.shape[-1]
-            k = d - round(sparsity * d)
+            k = d - round(share * d)
             if keep_sets is not None:
                 return (x * keep_sets[index],)
             kept = torch.zeros_like(x, dtype=torch.bool).scatter(-1, x.abs().topk(k, dim=-1).indices, True)
@@ -65,15 +67,21 @@ def test_each_token_keeps_exactly_its_share_and_padding_changes_nothing_else():
         graph.module(**inputs)
     assert torch.all((seen["query"] != 0).sum(-1) == 16)  # 32 features, half kept per token
     assert torch.all((seen["ffn_down"] != 0).sum(-1) == 16)  # 64 features, a quarter kept
-    # a real token's output does not depend on how much padding follows it
-    short = {k: v[:, :4] for k, v in inputs.items()}
-    with torch.no_grad():
-        long_out = graph.module(**{k: v[1:] for k, v in inputs.items()}).logits
-        short_out = graph.module(**{k: v[1:] for k, v in short.items()}).logits
+    # a real token's output does not depend on how much padding follows it, and either length is the masked forward
+    long = {k: v[1:] for k, v in inputs.items()}
+    short = {k: v[1:, :4] for k, v in inputs.items()}
     padded = {k: torch.cat([v[1:, :4], torch.zeros_like(v[1:, :5])], dim=1) for k, v in inputs.items()}
     with torch.no_grad():
+        long_out, short_out = graph.module(**long).logits, graph.module(**short).logits
         assert torch.allclose(graph.module(**padded).logits, short_out, atol=1e-5)
-    assert long_out.shape == short_out.shape
+    handles = hand_masked(model, 0.5, ffn_down_sparsity=0.75)
+    try:
+        with torch.no_grad():
+            assert torch.allclose(long_out, model(**long).logits, atol=1e-5)
+            assert torch.allclose(short_out, model(**short).logits, atol=1e-5)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def test_random_keeps_a_fixed_seeded_feature_set():
