@@ -15,7 +15,9 @@ kernels' int16 pair sums from saturating, as ``lower``'s choice does
 Known trap (onnxruntime issue 25890): the quantizer transposes the weights of Gemm
 nodes of dynamo exports without updating their ``value_info`` entries, and the
 quantized model then fails to load. The shape annotations are dropped before
-quantizing; ONNX Runtime infers shapes itself.
+quantizing; ONNX Runtime infers shapes itself. Static int8 infers them again first,
+with ONNX Runtime's symbolic inference, which knows the optimizer's fused operators:
+the calibrator measures only tensors whose type is known.
 """
 
 from __future__ import annotations
