@@ -170,3 +170,22 @@ def make_biased(name="BertForSequenceClassification"):
                 module.weight.copy_(1 + 0.1 * torch.randn_like(module.weight))
                 module.bias.copy_(0.1 * torch.randn_like(module.bias))
     return model
+
+
+def dropout_free_graph_and_contradicting_teacher(cls: str):
+    """A tiny ``cls`` graph without dropout (so a step's loss can be computed by hand) and a copy of it as
+    teacher whose classifier bias (-3, +3) predicts class 1 everywhere: against labels of class 0."""
+    torch.manual_seed(0)
+    model = getattr(tf, cls)(tf.BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    graph = trace_once(model.eval())
+    teacher = graph.copy()
+    with torch.no_grad():
+        teacher.module.get_submodule("classifier").bias.copy_(torch.tensor([-3.0, 3.0]))
+    return graph, teacher
+
+
+def pure_kd(student_logits, teacher_logits, temperature, rows=None):
+    """T^2 * KL(teacher_T || student_T) averaged over ``rows`` (all rows by default), written out."""
+    p = torch.softmax(teacher_logits / temperature, -1)
+    kl = (p * (torch.log(p) - torch.log_softmax(student_logits / temperature, -1))).sum(-1)
+    return temperature**2 * (kl if rows is None else kl[rows]).mean()

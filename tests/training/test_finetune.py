@@ -10,7 +10,7 @@ import graphprune
 from graphprune.training.schedule import GradualPruning, cubic_sparsity
 from graphprune.training.finetune import distillation_loss
 
-from ..models import TINY, make_model, sentiment_data, tiny_tokenizer, trace_once
+from ..models import dropout_free_graph_and_contradicting_teacher, make_model, pure_kd, sentiment_data, tiny_tokenizer, trace_once
 
 
 @pytest.fixture
@@ -91,21 +91,10 @@ def test_distillation_over_tokens_skips_padding_and_averages_logits_fields():
     assert out.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def pure_kd(student_logits, teacher_logits, temperature, rows=None):
-    """T^2 * KL(teacher_T || student_T) averaged over ``rows`` (all rows by default), written out."""
-    p = torch.softmax(teacher_logits / temperature, -1)
-    kl = (p * (torch.log(p) - torch.log_softmax(student_logits / temperature, -1))).sum(-1)
-    return temperature**2 * (kl if rows is None else kl[rows]).mean()
-
-
 def test_distillation_pulls_the_student_to_a_teacher_that_contradicts_the_labels():
-    # no dropout, so the first step's loss can be computed by hand
-    torch.manual_seed(0)
-    model = tf.BertForSequenceClassification(tf.BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    graph, tokenizer = trace_once(model.eval()), tiny_tokenizer()
-    teacher = graph.copy()
-    with torch.no_grad():  # the teacher reads every snippet as positive: against the labels on the negative half
-        teacher.module.get_submodule("classifier").bias.copy_(torch.tensor([-3.0, 3.0]))
+    # the teacher reads every snippet as positive: against the labels on the negative half
+    graph, teacher = dropout_free_graph_and_contradicting_teacher("BertForSequenceClassification")
+    tokenizer = tiny_tokenizer()
     teacher_params = {k: v.clone() for k, v in teacher.module.state_dict().items()}
     data = sentiment_data(32)
     collate = tf.DataCollatorWithPadding(tokenizer)

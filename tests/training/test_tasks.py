@@ -12,8 +12,7 @@ from torch.nn.utils import parametrize
 import graphprune
 from graphprune.training.data import TextDataset
 
-from ..models import NEGATIVE, POSITIVE, TINY, make_model, sentiment_data, tiny_tokenizer, trace_once, widened_model
-from .test_finetune import pure_kd
+from ..models import NEGATIVE, POSITIVE, dropout_free_graph_and_contradicting_teacher, make_model, pure_kd, sentiment_data, tiny_tokenizer, trace_once, widened_model
 
 
 def token_examples(n: int, seed: int = 0) -> list[dict]:
@@ -78,13 +77,8 @@ def test_question_answering_finetunes_and_evaluates_with_its_own_loss():
 
 
 def test_distillation_for_token_classification_pulls_every_real_token_to_the_teacher():
-    # no dropout, so the first step's loss can be computed by hand
-    torch.manual_seed(0)
-    model = tf.BertForTokenClassification(tf.BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    graph = trace_once(model.eval())
-    teacher = graph.copy()
-    with torch.no_grad():  # the teacher tags every token as a sentiment word: against the labels on the filler
-        teacher.module.get_submodule("classifier").bias.copy_(torch.tensor([-3.0, 3.0]))
+    # the teacher tags every token as a sentiment word: against the labels on the filler
+    graph, teacher = dropout_free_graph_and_contradicting_teacher("BertForTokenClassification")
     collate = tf.DataCollatorForTokenClassification(tiny_tokenizer())
     # rows of 5 to 8 tokens, so that batches carry padding the divergence must skip
     examples = [{k: v[: 5 + i % 4] for k, v in example.items()} for i, example in enumerate(token_examples(32))]
