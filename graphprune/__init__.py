@@ -47,6 +47,8 @@ from .ir.tracing import dummy_inputs, trace
 from .training.calibration import CalibrationData
 from .training.evaluate import evaluate
 from .training.finetune import finetune
+from .training.user_data import load_data
+from .training.user_model import load_model
 from .training.iterative import iterative_prune
 from .training.schedule import GradualPruning, cubic_sparsity
 from .ir.exporters import export_formats, register_exporter
@@ -84,6 +86,8 @@ __all__ = [
     "iterative_prune",
     "list_passes",
     "load",
+    "load_data",
+    "load_model",
     "load_artefact",
     "load_steps",
     "register_module_type",

@@ -189,3 +189,51 @@ def pure_kd(student_logits, teacher_logits, temperature, rows=None):
     p = torch.softmax(teacher_logits / temperature, -1)
     kl = (p * (torch.log(p) - torch.log_softmax(student_logits / temperature, -1))).sum(-1)
     return temperature**2 * (kl if rows is None else kl[rows]).mean()
+
+
+NER_TAGS = ("O", "B-POS", "I-POS", "B-NEG", "I-NEG")
+
+
+def ner_data(n: int = 64, seed: int = 0, name: str = "ner"):
+    """Generated NER sentences: runs of one or two sentiment words are POS or NEG entities among filler (IOB2)."""
+    import random
+
+    from graphprune.training.task_data import TokenDataset
+
+    rng = random.Random(seed)
+    words, tags = [], []
+    for _ in range(n):
+        sentence, labels = [], []
+        for _ in range(rng.randint(2, 4)):
+            sentence += rng.sample(FILLER, rng.randint(1, 3))
+            labels += [0] * (len(sentence) - len(labels))
+            kind = rng.choice(["POS", "NEG"])
+            pool = POSITIVE if kind == "POS" else NEGATIVE
+            run = rng.sample(pool, rng.randint(1, 2))
+            sentence += run
+            labels += [NER_TAGS.index(f"B-{kind}")] + [NER_TAGS.index(f"I-{kind}")] * (len(run) - 1)
+        words.append(sentence)
+        tags.append(labels)
+    return TokenDataset(words, tags, NER_TAGS, [f"doc{i % 5}" for i in range(n)], name)
+
+
+def qa_data(n: int = 32, seed: int = 0, context_words: int = 12, name: str = "qa"):
+    """Generated extractive QA: the question names a sentiment ('pos' asks for the one positive word of the context)."""
+    import random
+
+    from graphprune.training.task_data import QADataset
+
+    rng = random.Random(seed)
+    questions, contexts, answers = [], [], []
+    for _ in range(n):
+        words = rng.sample(FILLER, context_words)
+        positive, negative = rng.choice(POSITIVE), rng.choice(NEGATIVE)
+        words.insert(rng.randrange(len(words) + 1), positive)
+        words.insert(rng.randrange(len(words) + 1), negative)
+        answer = positive if rng.random() < 0.5 else negative
+        context = " ".join(words)
+        questions.append(("good" if answer == positive else "bad") + " " + rng.choice(FILLER))
+        contexts.append(context)
+        start = (" " + context + " ").index(" " + answer + " ")
+        answers.append({"text": [answer], "answer_start": [start]})
+    return QADataset(questions, contexts, answers, [], name)

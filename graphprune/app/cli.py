@@ -2,7 +2,7 @@
 
     graphprune passes                      registered passes, one line each
     graphprune info CKPT                   summary table and history of a checkpoint
-    graphprune eval CKPT --data NAME       accuracy and loss on a dataset split (CKPT: a checkpoint or
+    graphprune eval CKPT --data NAME|JOB   the task's metrics on a dataset split (CKPT: a checkpoint or
                                            an exported artefact, run in its own runtime)
     graphprune export CKPT OUT --format F  an artefact folder that runs without graphprune
                                            (onnx [--quantize dynamic|static], aoti, hf)
@@ -97,38 +97,58 @@ def _bits(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _metrics_line(metrics: dict, main: str) -> str:
+    """``f1 0.8123  precision 0.8000  recall 0.8250  loss 0.2100``: the main metric first, then the rest."""
+    names = [main] + [k for k in metrics if k not in (main, "examples") and metrics[k] is not None]
+    return "  ".join(f"{k} {metrics[k]:.4f}" for k in names)
+
+
 def _cmd_eval(args) -> int:
     from ..ir.graph import load
-    from ..training.data import load_dataset
-    from ..training.evaluate import evaluate
+    from ..training.evaluate import evaluate, main_metric
     from ..training.models import load_tokenizer
+    from ..training.tasks import task_for
+    from ..training.data import DATASETS
+    from .job_inputs import data_argument
     from .workflow import check_labels
 
-    splits = load_dataset(args.data)
+    if args.data not in DATASETS and not (args.data.endswith(".toml") and Path(args.data).is_file()):
+        return _fail(f"--data {args.data!r} is neither a built-in data set ({', '.join(DATASETS)}) nor a job file (.toml) with a [data] table")
+    if (Path(args.checkpoint) / "artefact.json").is_file():
+        return _eval_artefact(args)
+    graph = load(args.checkpoint)
+    task = task_for(graph, "graphprune eval")
+    splits = data_argument(args.data, task.name, graph.source.get("label_names") or None)
     if args.split not in splits:
         return _fail(f"--split {args.split!r} is not one of {sorted(splits)}")
     data = splits[args.split].subset(args.limit)
-    if (Path(args.checkpoint) / "artefact.json").is_file():
-        return _eval_artefact(args, data)
-    graph = load(args.checkpoint)
     check_labels(graph, data)
     tokenizer = load_tokenizer(graph.source.get("tokenizer", "minilm"))
     metrics = evaluate(graph, data, tokenizer, batch_size=args.batch_size, max_length=args.max_length)
-    print(f"{args.data}/{args.split}: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['examples']} examples)")
+    print(f"{splits[args.split].name}: {_metrics_line(metrics, main_metric(task, data))}  ({metrics['examples']} examples)")
     return 0
 
 
-def _eval_artefact(args, data) -> int:
+def _eval_artefact(args) -> int:
+    from ..training.evaluate import main_metric
     from .export import evaluate_artefact, read_manifest
+    from .export.evaluate_artefact import task_of_manifest
+    from .job_inputs import data_argument
 
     manifest = read_manifest(args.checkpoint)
     labels = manifest.get("labels") or []
-    if labels and len(labels) != len(data.label_names):
-        return _fail(f"the artefact has {len(labels)} labels but {data.name} has {len(data.label_names)} ({', '.join(data.label_names)})")
-    key = f"{args.data}/{args.split}" + (f" (limit {args.limit})" if args.limit else "")
+    task = task_of_manifest(manifest)
+    splits = data_argument(args.data, task.name, tuple(labels) or None)
+    if args.split not in splits:
+        return _fail(f"--split {args.split!r} is not one of {sorted(splits)}")
+    data = splits[args.split].subset(args.limit)
+    names = getattr(data, "label_names", ())
+    if labels and names and len(labels) != len(names):
+        return _fail(f"the artefact has {len(labels)} labels but {data.name} has {len(names)} ({', '.join(names)})")
+    key = f"{splits[args.split].name}" + (f" (limit {args.limit})" if args.limit else "")
     metrics = evaluate_artefact(args.checkpoint, data, batch_size=args.batch_size, max_length=args.max_length, record=key)
     kind = manifest["artefact"] + (f" {manifest['precision']}" if manifest.get("precision") else "")
-    print(f"{args.data}/{args.split}: accuracy {metrics['accuracy']:.4f}  loss {metrics['loss']:.4f}  ({metrics['examples']} examples; "
+    print(f"{splits[args.split].name}: {_metrics_line(metrics, main_metric(task, data))}  ({metrics['examples']} examples; "
           f"{kind} artefact in its own runtime; recorded in its artefact.json)")
     return 0
 
@@ -146,13 +166,15 @@ def _cmd_export(args) -> int:
         options["quantize"] = args.quantize
         if args.quantize == "static":
             from ..training.calibration import CalibrationData
-            from ..training.data import load_dataset
             from ..training.models import load_tokenizer
+            from ..training.tasks import task_for
+            from .job_inputs import data_argument
 
             if not args.data:
-                return _fail("--quantize static needs --data NAME for its calibration examples (the train split is used)")
+                return _fail("--quantize static needs --data NAME or a job file for its calibration examples (the train split is used)")
             tokenizer = load_tokenizer(graph.source.get("tokenizer", "minilm"))
-            options["data"] = CalibrationData(load_dataset(args.data)["train"], tokenizer, max_length=args.max_length)
+            splits = data_argument(args.data, task_for(graph, "graphprune export").name, graph.source.get("label_names") or None)
+            options["data"] = CalibrationData(splits["train"], tokenizer, max_length=args.max_length)
             options["num_samples"] = args.num_samples
     if args.format == "onnx" and args.no_optimize:
         options["optimize"] = False
@@ -206,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(fn=_cmd_info)
     ev = sub.add_parser("eval", help="evaluate a checkpoint")
     ev.add_argument("checkpoint")
-    ev.add_argument("--data", required=True, choices=["rotten_tomatoes", "bbc_news"])
+    ev.add_argument("--data", required=True, help="a built-in data set (rotten_tomatoes, bbc_news) or a job file whose [data] names your files")
     ev.add_argument("--split", default="test")
     ev.add_argument("--limit", type=int, default=None, help="evaluate on a seeded subset of this size")
     ev.add_argument("--batch-size", type=int, default=64)
@@ -217,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output")
     export.add_argument("--format", required=True, choices=["onnx", "aoti", "hf"])
     export.add_argument("--quantize", choices=["dynamic", "static"], default=None, help="int8 through ONNX Runtime's quantizer (onnx)")
-    export.add_argument("--data", choices=["rotten_tomatoes", "bbc_news"], default=None, help="calibration data for --quantize static")
+    export.add_argument("--data", default=None, help="calibration data for --quantize static: a built-in data set or a job file with [data]")
     export.add_argument("--num-samples", type=int, default=128, help="calibration examples for --quantize static")
     export.add_argument("--max-length", type=int, default=64)
     export.add_argument("--pooling", choices=["mean"], default=None, help="headless encoders: add the mean-pooled sentence_embedding")

@@ -1,10 +1,14 @@
 """``graphprune run pipeline.toml``: a whole compression job described in one file.
 
     [model]
-    name = "baseline"            # the cached fine-tuned MiniLM; or "minilm"; or checkpoint = "path"
+    name = "baseline"            # the cached fine-tuned MiniLM; or "minilm"; or checkpoint = "path";
+                                 # or your own: path = "save_pretrained folder" (hub = "org/name": local
+                                 # HF cache only), task = "token-classification", label_names = [...]
 
     [data]
-    name = "rotten_tomatoes"     # or "bbc_news"
+    name = "rotten_tomatoes"     # or "bbc_news"; or your own files: train = "train.csv",
+                                 # validation = ..., test = ..., columns = { text = "review", label = "sentiment" }
+                                 # (see graphprune.app.job_inputs)
     eval_split = "test"
     eval_limit = 500             # optional: a seeded subset
     max_length = 64
@@ -47,10 +51,10 @@ from ..infra.registry import get_pass
 from ..infra.pipeline import normalise_steps, read_toml, resolve_steps, run_pass, run_pipeline
 from ..ir.masks import has_uncommitted_masks
 from ..ir.summary import Summary
-from ..training.data import DATASETS, load_dataset
 from ..training.calibration import CalibrationData
 from ..training.finetune import FinetuneConfig, finetune
 from ..training.iterative import iterative_prune
+from .job_inputs import DATA_FIELDS, MODEL_FIELDS, check_data, check_model, load_inputs
 from .workflow import check_labels, latency_batch, results_table, stage_row
 
 SECTIONS = {"model", "data", "passes", "iterative", "finetune", "output", "export"}
@@ -58,11 +62,10 @@ EXPORT_FIELDS = {"path", "format", "quantize", "pooling", "optimize"}
 EXPORT_FORMATS = ("onnx", "aoti", "hf")
 FIELDS = {
     "iterative": {"pass", "target_sparsity", "steps", "config"},
-    "model": {"name", "checkpoint", "num_labels"},
-    "data": {"name", "eval_split", "eval_limit", "max_length"},
+    "model": MODEL_FIELDS,
+    "data": DATA_FIELDS,
     "output": {"checkpoint"},
 }
-MODEL_NAMES = ("minilm", "baseline")
 
 
 def _check_section(path: Path, name: str, section, allowed=None) -> dict:
@@ -83,17 +86,8 @@ def read_job(path) -> dict:
     unknown = sorted(set(spec) - SECTIONS)
     if unknown:
         raise ValueError(f"{path}: unknown section [{unknown[0]}]; allowed: {sorted(SECTIONS)}")
-    model = _check_section(path, "model", spec.get("model", {"name": "baseline"}))
-    if ("name" in model) == ("checkpoint" in model):
-        raise ValueError(f"{path}: [model] needs exactly one of name = {' | '.join(map(repr, MODEL_NAMES))} or checkpoint = 'path'")
-    if "name" in model and model["name"] not in MODEL_NAMES:
-        raise ValueError(f"{path}: [model] name = {model['name']!r} is not allowed; expected one of {list(MODEL_NAMES)}")
-    labels = model.get("num_labels", 2)
-    if not isinstance(labels, int) or isinstance(labels, bool) or labels < 2:
-        raise ValueError(f"{path}: [model] num_labels = {labels!r} is not allowed; expected an integer >= 2")
-    data = _check_section(path, "data", spec.get("data", {"name": "rotten_tomatoes"}))
-    if data.get("name") not in DATASETS:
-        raise ValueError(f"{path}: [data] name = {data.get('name')!r} is not allowed; expected one of {list(DATASETS)}")
+    model = check_model(path, _check_section(path, "model", spec.get("model", {"name": "baseline"})))
+    data = check_data(path, _check_section(path, "data", spec.get("data", {"name": "rotten_tomatoes"})))
     for field in ("eval_limit", "max_length"):
         if field in data and (not isinstance(data[field], int) or isinstance(data[field], bool) or data[field] < 2):
             raise ValueError(f"{path}: [data] {field} = {data[field]!r} is not allowed; expected an integer >= 2")
@@ -178,33 +172,15 @@ def _check_iterative(path: Path, section: dict) -> dict:
     return {"pass": name, "target_sparsity": float(target), "steps": steps, "config": config}
 
 
-def _load_model(model: dict, num_labels: int):
-    from ..ir.graph import load
-    from ..ir.tracing import trace
-    from ..training.baseline import load_baseline
-    from ..training.models import load_minilm, load_tokenizer
-
-    if "checkpoint" in model:
-        graph = load(model["checkpoint"])
-        return graph, load_tokenizer(graph.source.get("tokenizer", "minilm"))
-    if model["name"] == "baseline":
-        graph = load_baseline()
-        return graph, load_tokenizer("minilm")
-    hf_model, tokenizer = load_minilm(num_labels=model.get("num_labels", num_labels))
-    graph = trace(hf_model)
-    graph.source["tokenizer"] = "minilm"
-    return graph, tokenizer
-
-
 def run_file(path, *, log=print) -> Summary:
     job = read_job(path)
-    splits = load_dataset(job["data"]["name"])
     split = job["data"].get("eval_split", "test")
-    if split not in splits:
-        raise ValueError(f"{path}: [data] eval_split = {split!r} is not allowed; expected one of {sorted(splits)}")
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"{path}: [data] eval_split = {split!r} is not allowed; expected one of ['test', 'train', 'validation']")
+    loaded = load_inputs(path, job["model"], job["data"], log=log)
+    dense, tokenizer, splits = loaded.dense, loaded.tokenizer, loaded.splits
     max_length = job["data"].get("max_length", 64)
     data = splits[split].subset(job["data"].get("eval_limit"))
-    dense, tokenizer = _load_model(job["model"], num_labels=len(data.label_names))
     check_labels(dense, data)
     inputs = latency_batch(data, tokenizer, max_length=max_length)
 
@@ -243,17 +219,19 @@ def run_file(path, *, log=print) -> Summary:
     table = results_table(f"graphprune run {path}: {data.name}", rows)
     log(str(table))
     for entry in job["exports"]:
-        _export(graph, entry, calibration, data, tokenizer, max_length, log)
+        _export(graph, entry, calibration, data, tokenizer, max_length, log, dense)
     return table
 
 
-def _export(graph, entry: dict, calibration, data, tokenizer, max_length: int, log) -> None:
+def _export(graph, entry: dict, calibration, data, tokenizer, max_length: int, log, dense=None) -> None:
+    from ..training.evaluate import main_metric
     from .export import evaluate_artefact
 
     options = {k: v for k, v in entry.items() if k not in ("path", "format")}
     if options.get("quantize") == "static":
         options["data"] = calibration
     manifest = graph.export(entry["path"], format=entry["format"], tokenizer=tokenizer, **options)
-    metrics = evaluate_artefact(entry["path"], data, tokenizer, max_length=max_length, progress=False, record=f"{data.name}")
+    metrics = evaluate_artefact(entry["path"], data, tokenizer, max_length=max_length, progress=False, record=f"{data.name}", reference=dense)
+    metric = main_metric(graph, data)
     log(f"exported {entry['path']} ({manifest['artefact']} {manifest.get('precision', '')}, {manifest['model_bytes'] / 1e6:.1f} MB): "
-        f"accuracy {metrics['accuracy']:.4f} in its own runtime on {data.name}")
+        f"{metric} {metrics[metric]:.4f} in its own runtime on {data.name}")

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..ir.errors import CheckpointError
 from ..ir.graph import Graph, load
 from ..ir.tracing import trace
-from .data import load_rotten_tomatoes
+from .data import RT_LABELS, load_rotten_tomatoes
 from .evaluate import evaluate
 from .finetune import finetune
 from .models import load_minilm, load_tokenizer
@@ -62,11 +62,13 @@ def load_baseline(cache: str | os.PathLike | None = None, *, build: bool = True,
     """The cached baseline graph; built first when missing (and ``build`` is true)."""
     path = baseline_path(cache)
     try:
-        return load(path)
+        graph = load(path)
     except CheckpointError:
         if path.exists() or not build:
             raise
-    return build_baseline(cache, progress=progress)
+        graph = build_baseline(cache, progress=progress)
+    graph.source.setdefault("label_names", list(RT_LABELS))  # its ids are the snippets' (0 rotten, 1 fresh)
+    return graph
 
 
 def baseline_or_pretrained(quick: bool = False):

@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .data import Collator, TextDataset
+from .tasks import task_for_data
 
 
 def data_name(data) -> str:
@@ -30,7 +31,7 @@ def subset(data, n: int | None, seed: int = 0):
     """A seeded random subset of ``n`` examples (all of them if n is None or larger)."""
     if n is None:
         return data
-    if isinstance(data, TextDataset):
+    if hasattr(data, "subset"):  # TextDataset and the other tasks' datasets
         return data.subset(n, seed=seed)
     if isinstance(data, torch.utils.data.DataLoader):
         raise ValueError("subset: a DataLoader yields ready batches; pass the examples instead to take a subset")
@@ -42,6 +43,16 @@ def subset(data, n: int | None, seed: int = 0):
 def on_device(batch, device) -> dict:
     """``batch`` (a dict) with its tensors on ``device``: where the graph's weights are."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in dict(batch).items()}
+
+
+class _TaskCollator:
+    """A task's own tokenisation as a DataLoader's collate_fn (picklable, unlike a lambda)."""
+
+    def __init__(self, task, tokenizer, max_length: int):
+        self.task, self.tokenizer, self.max_length = task, tokenizer, max_length
+
+    def __call__(self, rows):
+        return self.task.collate(rows, self.tokenizer, self.max_length)
 
 
 def make_batches(
@@ -57,10 +68,12 @@ def make_batches(
     """A re-iterable of batches (dicts of tensors) from ``data`` in any accepted form."""
     if isinstance(data, torch.utils.data.DataLoader):
         return data
-    if isinstance(data, TextDataset):
+    task = task_for_data(data)
+    if task is not None:
         if tokenizer is None:
             raise ValueError(f"{data_name(data)} holds raw texts: pass the model's tokenizer to tokenise them")
-        collate_fn = collate_fn or Collator(tokenizer, max_length)
+        if collate_fn is None:
+            collate_fn = Collator(tokenizer, max_length) if isinstance(data, TextDataset) else _TaskCollator(task, tokenizer, max_length)
     elif isinstance(data, Sequence) or isinstance(data, torch.utils.data.Dataset):
         if len(data) and not isinstance(data[0], Mapping):
             raise ValueError(

@@ -27,6 +27,7 @@ from torch import nn
 from ..ir.graph import Graph
 from .batches import data_name, make_batches, on_device, subset
 from .data import TextDataset
+from .tasks import task_for_data
 
 
 @dataclass
@@ -68,7 +69,7 @@ def calibration_batches(
         )
     spec = data if isinstance(data, CalibrationData) else CalibrationData(data)
     examples = spec.data
-    if isinstance(examples, TextDataset) and spec.tokenizer is None:
+    if task_for_data(examples) is not None and spec.tokenizer is None:
         recorded = graph.source.get("tokenizer")
         if not recorded:
             raise ValueError(

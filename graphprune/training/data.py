@@ -37,18 +37,25 @@ def package_file(package: str, relative: str) -> Path:
 
 @dataclass
 class TextDataset(torch.utils.data.Dataset):
-    """Texts with integer labels; tokenised on demand by :class:`Collator` (see ``batches.make_batches``)."""
+    """Texts (or text pairs) with labels; tokenised on demand by :class:`Collator` (see ``batches.make_batches``).
+
+    Labels are class ids (ints), multi-hot lists (multi-label) or floats (regression);
+    ``pairs`` holds each text's second segment for sentence-pair tasks.
+    """
 
     texts: list[str]
-    labels: list[int]
+    labels: list
     label_names: tuple[str, ...]
     groups: list[str] = field(default_factory=list)
     name: str = ""
+    pairs: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def __getitem__(self, index: int) -> tuple[str, int]:
+    def __getitem__(self, index: int) -> tuple:
+        if self.pairs is not None:
+            return self.texts[index], self.labels[index], self.pairs[index]
         return self.texts[index], self.labels[index]
 
     def subset(self, n: int | None, seed: int = 0) -> "TextDataset":
@@ -62,6 +69,7 @@ class TextDataset(torch.utils.data.Dataset):
             self.label_names,
             [self.groups[i] for i in order] if self.groups else [],
             f"{self.name}[:{n}]",
+            [self.pairs[i] for i in order] if self.pairs is not None else None,
         )
 
 
@@ -156,10 +164,13 @@ class Collator:
         self.max_length = max_length
 
     def __call__(self, batch):
-        texts, labels = zip(*batch)
-        encoded = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
+        texts, labels, *pairs = zip(*batch)
+        segments = [list(texts)] + [list(p) for p in pairs]  # a second segment for sentence pairs
+        encoded = self.tokenizer(*segments, padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt")
         encoded = dict(encoded)
         if encoded["input_ids"].shape[1] < 2:  # graphs are traced with sequences of at least 2
-            encoded = dict(self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=2, return_tensors="pt"))
-        encoded["labels"] = torch.tensor(labels, dtype=torch.long)
+            encoded = dict(self.tokenizer(*segments, padding="max_length", truncation=True, max_length=2, return_tensors="pt"))
+        # class ids classify; multi-hot lists (multi-label) and floats (regression) are float targets, as HF expects
+        integer = all(isinstance(label, int) and not isinstance(label, bool) for label in labels)
+        encoded["labels"] = torch.tensor(labels, dtype=torch.long if integer else torch.float)
         return encoded

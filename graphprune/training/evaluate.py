@@ -9,6 +9,7 @@ from ..ir.calls import model_call_of
 from ..ir.graph import Graph
 from ..ir.losses import TARGETS, TASKS
 from .batches import data_name, make_batches, on_device
+from .tasks import task_for, task_for_data
 
 
 def task_of(graph: Graph, caller: str) -> str:
@@ -57,22 +58,31 @@ def evaluate(
     max_length: int = 64,
     collate_fn=None,
     progress: bool = True,
+    reference: Graph | None = None,
 ) -> dict:
-    """Accuracy and mean loss of ``graph`` on ``data``, using the graph's own task loss.
+    """The task's metrics on ``data``, and the mean of the graph's own loss where the data has targets.
 
-    ``data`` is a ``TextDataset`` (with ``tokenizer``), a list of example dicts with
-    targets, or a DataLoader (see ``graphprune.training.batches``). Accuracy is over
-    examples for sequence classification, over labelled tokens for token
-    classification and masked LM, and exact start-and-end match for question
-    answering; it is None for regression. Runs in eval mode under no_grad and
-    restores the graph's mode afterwards.
+    ``data`` is one of the tasks' datasets (``TextDataset``, ``TokenDataset``,
+    ``QADataset``, ``EmbeddingDataset``, with ``tokenizer``): then the metrics are the
+    ones users report for the task (text classification: accuracy and macro F1, or
+    micro F1 for multi-label, Pearson and Spearman for regression; token
+    classification: entity precision, recall and F1 as seqeval computes them, and
+    word accuracy; question answering: SQuAD's exact match and F1; feature
+    extraction: mean cosine to ``reference``'s embeddings (the dense graph) and, with
+    query/document pairs, recall@1, recall@10 and MRR@10). All are fractions in [0, 1].
 
-    Returns ``{"accuracy", "loss", "examples"}``.
+    ``data`` may also be a list of example dicts with targets, or a DataLoader (see
+    ``graphprune.training.batches``): then accuracy is over examples for sequence
+    classification, over labelled tokens for token classification and masked LM,
+    and exact start-and-end match for question answering; None for regression.
+    Runs in eval mode under no_grad and restores the graph's mode afterwards.
 
     Example:
         >>> graphprune.evaluate(graph, splits["test"], tokenizer)
-        {'accuracy': 0.8331, 'loss': 0.3646, 'examples': 1252}
+        {'accuracy': 0.8331, 'macro_f1': 0.8297, 'loss': 0.3646, 'examples': 1252}
     """
+    if task_for_data(data) is not None and collate_fn is None:
+        return _evaluate_task(graph, data, tokenizer, batch_size=batch_size, max_length=max_length, progress=progress, reference=reference)
     task = task_of(graph, "evaluate")
     module = graph.module
     was_training = module.training
@@ -100,3 +110,31 @@ def evaluate(
     if units == 0:
         raise ValueError(f"evaluate: dataset {data_name(data)!r} is empty (or has no labelled tokens)")
     return {"accuracy": correct / units if scored else None, "loss": loss_sum / units, "examples": examples}
+
+
+def _evaluate_task(graph: Graph, data, tokenizer, *, batch_size: int, max_length: int, progress: bool, reference) -> dict:
+    task = task_for(graph, "evaluate")
+    expected = task_for_data(data)
+    if expected.name != task.name:
+        raise ValueError(f"evaluate: {data_name(data)} holds {expected.name} data but the graph is a {task.name} model")
+    if tokenizer is None:
+        raise ValueError(f"evaluate: {data_name(data)} holds raw text: pass the model's tokenizer to tokenise it")
+    modules = [graph.module] + ([reference.module] if reference is not None else [])
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        result = task.evaluate(graph.module, data, tokenizer, batch_size=batch_size, max_length=max_length,
+                               reference=reference.module if reference is not None else None, progress=progress, name=data_name(data))
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+    result.setdefault("accuracy", None)  # callers that print accuracy keep working on tasks without it
+    return result
+
+
+def main_metric(graph_or_task, data=None) -> str:
+    """The metric a task reports first (and searches and drops use): accuracy, f1, mrr@10, ..."""
+    task = graph_or_task if hasattr(graph_or_task, "main_metric") else task_for(graph_or_task)
+    choose = getattr(task, "main_metric_for", None)
+    return choose(data) if choose is not None and data is not None else task.main_metric

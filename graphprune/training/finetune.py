@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from ..ir.calls import model_call_of
 from ..ir.graph import Graph
 from .batches import data_name, make_batches, on_device, subset
-from .evaluate import evaluate, task_of
+from .evaluate import evaluate, main_metric, task_of
+from .tasks import FeatureExtraction, task_for, task_for_data
 from .finetune_config import FinetuneConfig, option_callbacks
 
 
@@ -130,6 +131,8 @@ def finetune(
     Options are the fields of :class:`FinetuneConfig` (learning_rate, epochs or
     max_steps, batch_size, subset, seed, ...). With ``teacher`` (usually the dense
     graph) the loss is the distillation loss with ``kd_temperature``/``kd_weight``.
+    A headless encoder (feature extraction) has no labels: it trains toward
+    ``teacher``'s embeddings alone (1 - cosine), on unlabelled texts.
     AdamW with linear warm-up and decay; seeded. Both graphs are moved to the
     accelerator's device if they are elsewhere. Callbacks may mask weights in place
     but must keep the graph's Parameter objects: the optimizer holds them.
@@ -140,7 +143,14 @@ def finetune(
     from accelerate import Accelerator
 
     config = FinetuneConfig(**options)
-    task_of(graph, "finetune")
+    if _embedder(graph) is not None:
+        if teacher is None:
+            raise ValueError(
+                "finetune: a feature-extraction model (a headless encoder) has no labels to train on; pass "
+                "teacher=<the dense graph>: it then learns the teacher's embeddings (1 - cosine)"
+            )
+    else:
+        task_of(graph, "finetune")
     torch.manual_seed(config.seed)
     data = subset(train_data, config.subset, seed=config.seed)
     loader = make_batches(
@@ -211,6 +221,7 @@ def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config,
     module, optimizer = accelerator.prepare(module, optimizer)
     teacher_module = teacher.module.eval() if teacher is not None else None
     targets = set(model_call_of(graph.module).targets)
+    embedder = _embedder(graph)
 
     result = FinetuneResult(steps=0)
     module.train()
@@ -221,9 +232,13 @@ def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config,
                 batch, share = _slice_for_process(batch, rank, processes, accelerator.device)
                 out = module(**batch)
                 loss = out.get("loss")
-                if loss is None:
+                if embedder is not None:
+                    with torch.no_grad():
+                        teacher_out = teacher_module(**batch)
+                    loss = embedder.distillation_loss(out, teacher_out, batch, config.kd_temperature)
+                elif loss is None:
                     raise ValueError(f"finetune: the batches of {data_name(train_data)} carry no targets for the loss")
-                if teacher_module is not None:
+                elif teacher_module is not None:
                     inputs = {k: v for k, v in batch.items() if k not in targets}
                     with torch.no_grad():
                         teacher_out = teacher_module(**inputs)
@@ -251,12 +266,11 @@ def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config,
                     if eval_data is not None:  # every process evaluates the whole set: the same numbers
                         metrics = evaluate(
                             graph, eval_data, tokenizer, batch_size=config.eval_batch_size, max_length=config.max_length,
-                            collate_fn=collate_fn, progress=False,
+                            collate_fn=collate_fn, progress=False, reference=teacher if embedder is not None else None,
                         )
                         result.evaluations.append({"step": result.steps, **metrics})
-                        accuracy = "-" if metrics["accuracy"] is None else f"{metrics['accuracy']:.4f}"
                         if main:
-                            bar.write(f"step {result.steps}: {data_name(eval_data)} accuracy {accuracy} loss {metrics['loss']:.4f}")
+                            bar.write(f"step {result.steps}: {data_name(eval_data)} {_progress_line(graph, eval_data, metrics)}")
                     module.train()
                 if result.steps >= total:
                     break
@@ -267,3 +281,20 @@ def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config,
         {"pass": "finetune", "config": {**recorded, "dataset": data_name(train_data), "steps": result.steps, "teacher": teacher is not None}}
     )
     return result
+
+
+def _embedder(graph: Graph) -> FeatureExtraction | None:
+    """The graph's feature-extraction task if it is a headless encoder, else None."""
+    call = model_call_of(graph.module)
+    if call is None or call.task is not None:
+        return None
+    return task_for(graph, "finetune")
+
+
+def _progress_line(graph: Graph, data, metrics: dict) -> str:
+    """``<main metric> 0.8331 loss 0.3646``: what a fine-tune prints after each epoch."""
+    name = main_metric(graph, data) if task_for_data(data) is not None else "accuracy"
+    value = metrics.get(name)
+    line = f"{name} {'-' if value is None else f'{value:.4f}'}"
+    return line + (f" loss {metrics['loss']:.4f}" if metrics.get("loss") is not None else "")
+

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from graphprune.training.calibration import StagedForward, model_inputs
+from graphprune.training.tasks import task_for
 from graphprune.training.reconstruction import cross_moments, least_squares_scales, least_squares_weight, second_moments
 
 from .importance import mask_gradients
@@ -110,17 +111,16 @@ def kwon(graph, dense, heads, ffns, batches, repair, budget, config, bar):
 
 
 def kprune(graph, dense, heads, ffns, batches, repair, budget, config, bar):
+    task = task_for(graph, f"pass '{NAME}' (method 'kprune')")
     score_batches = take_examples(batches, config.score_samples)
-    with torch.no_grad():
-        teacher = [torch.softmax(dense.module(**model_inputs(b, dense)).logits.float(), -1) for b in score_batches]
-    if teacher[0].dim() != 2:
-        raise ValueError(f"pass '{NAME}': method 'kprune' needs a sequence-classification graph (logits of shape (batch, classes))")
+    with torch.no_grad():  # the dense graph's predictive distributions: the teacher every layer's scores are measured against
+        teacher = [task.teacher_probabilities(dense.module(**model_inputs(b, dense)), b) for b in score_batches]
     bar.update(1)
     repairer = _Repair(graph, dense, repair, config.dampening)
     spent = 0.0
     keep_heads, keep_neurons = [], []
     for layer in range(len(heads)):
-        h_scores, n_scores = _kprune_scores(graph, heads[layer:], ffns[layer:], score_batches, teacher, config.balance)
+        h_scores, n_scores = _kprune_scores(graph, task, heads[layer:], ffns[layer:], score_batches, teacher, config)
         remaining = Budget(budget.head_cost, budget.neuron_cost, budget.available - spent, budget.unit, budget.details)
         count_h, count_n = search_counts(torch.cat(h_scores), torch.cat(n_scores), remaining)
         keep_h = _top_per_layer(h_scores, count_h)[0]
@@ -135,14 +135,19 @@ def kprune(graph, dense, heads, ffns, batches, repair, budget, config, bar):
     return keep_heads, keep_neurons
 
 
-def _kprune_scores(graph, heads, ffns, batches, teacher, balance):
-    """Predictive (KL Fisher) plus representational (output energy) scores of the given layers' units."""
+def _kprune_scores(graph, task, heads, ffns, batches, teacher, config):
+    """Predictive (KL Fisher) plus representational (output energy) scores of the given layers' units.
+
+    The Fisher is of the task's own output distributions (classes; each labelled
+    token's tags; answer start and end positions; an embedding's similarities to its
+    batch), weighted by the dense graph's probabilities; where classes are too many
+    to sum over, it is estimated from ``fisher_samples`` seeded draws per position.
+    """
     probs = iter(teacher)
+    generator = torch.Generator().manual_seed(0)  # the same draws on every run
 
     def kl_terms(outputs, batch):
-        p = next(probs).to(outputs.logits.device)
-        log_p = torch.log_softmax(outputs.logits, -1)
-        return [(p[:, y].sqrt() * log_p[:, y]).sum() for y in range(p.shape[1])]
+        return task.fisher_terms(outputs, batch, next(probs), config.fisher_samples, generator)
 
     head_grads, ffn_grads = mask_gradients(graph, heads, ffns, batches, losses=kl_terms)
     pred_h = [sum(term[i].double().pow(2).sum(0) for term in head_grads) for i in range(len(heads))]
@@ -150,7 +155,7 @@ def _kprune_scores(graph, heads, ffns, batches, teacher, balance):
     rep_h, rep_n = _output_energy(graph, heads, ffns, batches)
     mean_pred = torch.cat(pred_h + pred_n).mean().clamp_min(1e-30)
     mean_rep = torch.cat(rep_h + rep_n).mean().clamp_min(1e-30)
-    combine = lambda pred, rep: [p / mean_pred + balance * r / mean_rep for p, r in zip(pred, rep)]  # noqa: E731
+    combine = lambda pred, rep: [p / mean_pred + config.balance * r / mean_rep for p, r in zip(pred, rep)]  # noqa: E731
     return combine(pred_h, rep_h), combine(pred_n, rep_n)
 
 

@@ -57,6 +57,8 @@ class StructuredSearchConfig:
     reconstruct_samples: examples for the least-squares repair (default 512).
     rearrange: kwon: rearrange masks within each layer with the full Fisher block (default true).
     balance: kprune: weight of the representational score against the predictive one (default 1).
+    fisher_samples: kprune: draws per position from the dense graph's distribution where the Fisher is
+        estimated rather than summed over classes (token tags, answer positions, embeddings; default 8).
     dampening: ridge of the least-squares repair, a share of the mean diagonal (default 0.01).
     seq_len, batch_size: the shape at which FLOPs (seq_len) and latency (both) are counted.
     progress: show a progress bar.
@@ -70,6 +72,7 @@ class StructuredSearchConfig:
     reconstruct_samples: int = 512
     rearrange: bool = True
     balance: float = 1.0
+    fisher_samples: int = 8
     dampening: float = 0.01
     seq_len: int = 128
     batch_size: int = 8
@@ -85,7 +88,7 @@ class StructuredSearchConfig:
             check_range("flops", self.flops, 0.0, 1.0, low_open=True)
         if self.speedup is not None:
             check_range("speedup", self.speedup, 1.0, low_open=True)
-        for name in ("num_samples", "score_samples", "reconstruct_samples", "seq_len", "batch_size"):
+        for name in ("num_samples", "score_samples", "reconstruct_samples", "seq_len", "batch_size", "fisher_samples"):
             check_range(name, getattr(self, name), 1)
         check_range("balance", self.balance, 0.0)
         check_range("dampening", self.dampening, 0.0)

@@ -184,11 +184,14 @@ def test_finetune_and_evaluate_keep_working_with_masks_and_fake_quantizers():
 
 
 def test_graphs_without_a_task_loss_are_refused_clearly():
-    graph = trace_once(make_model("BertModel"))
-    with pytest.raises(ValueError, match="needs a graph traced from a HF task head.*BertModel has no loss"):
+    graph = trace_once(make_model("BertModel"))  # an embedder: it has no labels, only a teacher to follow
+    with pytest.raises(ValueError, match="toy holds text-classification data but the graph is a feature-extraction model"):
         graphprune.evaluate(graph, sentiment_data(8), tiny_tokenizer(), progress=False)
-    with pytest.raises(ValueError, match="finetune needs a graph traced from a HF task head"):
+    with pytest.raises(ValueError, match="finetune: a feature-extraction model .* has no labels to train on; pass teacher="):
         graphprune.finetune(graph, sentiment_data(8), tiny_tokenizer(), progress=False)
+    masked = trace_once(make_model("BertForMaskedLM"))  # a masked LM has a loss but no task metrics for texts
+    with pytest.raises(ValueError, match="evaluate: BertForMaskedLM has no task graphprune can score"):
+        graphprune.evaluate(masked, sentiment_data(8), tiny_tokenizer(), progress=False)
 
 
 def test_examples_without_targets_are_refused_clearly():

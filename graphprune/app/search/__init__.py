@@ -16,8 +16,7 @@ from dataclasses import replace
 
 from tqdm.auto import tqdm
 
-from ...training.data import load_dataset
-from ..run_file import _load_model
+from ..job_inputs import load_inputs
 from ..workflow import check_labels, latency_batch
 from .job import SearchJob, read_search_job
 from .objectives import Reference
@@ -28,13 +27,14 @@ __all__ = ["read_search_job", "search"]
 
 
 def _setup(job: SearchJob):
-    splits = load_dataset(job.data.get("name", "rotten_tomatoes"))
+    loaded = load_inputs(job.path, job.model, job.data, log=lambda line: None)
+    dense, tokenizer, splits = loaded.dense, loaded.tokenizer, loaded.splits
     validation = splits["validation"].subset(job.data.get("eval_limit"))
-    dense, tokenizer = _load_model(job.model, num_labels=len(validation.label_names))
     check_labels(dense, validation)
     lat = job.latency
     inputs = latency_batch(validation, tokenizer, batch_size=lat["batch_size"], max_length=lat["max_length"])
     reference = Reference(dense, validation, tokenizer, job.data.get("max_length", 64), inputs, lat["iters"])
+    reference.check_names(list(job.objectives) + list(job.constraints), f"{job.path}: [search]")
     return Worker(job, dense, tokenizer, splits, reference)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .job import SearchJob
-from .objectives import METRICS
+from .objectives import METRICS, QUALITY
 
 
 def feasible(trial) -> bool:
@@ -28,12 +28,14 @@ def pareto_front(job: SearchJob, trials: list) -> list:
 
 
 def best_trial(job: SearchJob, trials: list):
-    """Under the constraints, the best by the objective after accuracy (the first one if accuracy is alone)."""
+    """Under the constraints, the best by the first objective that is not a quality metric (the first one if
+    quality metrics are alone), ties broken by the first quality objective."""
     pool = [t for t in trials if feasible(t) and "repeat_of" not in t.user_attrs]
     if not pool:
         return None
-    others = [o for o in job.objectives if o != "accuracy"]
+    others = [o for o in job.objectives if o not in QUALITY]
     name = others[0] if others else job.objectives[0]
     index = job.objectives.index(name)
     sign = 1 if METRICS[name] == "maximize" else -1
-    return max(pool, key=lambda t: (sign * t.values[index], t.user_attrs["metrics"]["accuracy"]))
+    quality = next((o for o in job.objectives if o in QUALITY), None)
+    return max(pool, key=lambda t: (sign * t.values[index], t.user_attrs["metrics"].get(quality, 0.0) if quality else 0.0))

@@ -54,7 +54,8 @@ from pathlib import Path
 
 from ...infra.pipeline import read_toml, resolve_steps
 from ..run_file import FIELDS as RUN_FIELDS
-from ..run_file import EXPORT_FIELDS, MODEL_NAMES, _check_export, _check_section, check_finetune
+from ..job_inputs import check_data, check_model
+from ..run_file import EXPORT_FIELDS, _check_export, _check_section, check_finetune
 from .objectives import CONSTRAINTS, METRICS
 
 SECTIONS = {"model", "data", "search", "passes", "finetune", "export"}
@@ -185,10 +186,9 @@ def read_search_job(path) -> SearchJob:
     unknown = sorted(set(spec) - SECTIONS)
     if unknown:
         raise ValueError(f"{path}: unknown section [{unknown[0]}]; allowed: {sorted(SECTIONS)}")
-    model = _check_section(path, "model", spec.get("model", {"name": "baseline"}), RUN_FIELDS["model"])
-    if ("name" in model) == ("checkpoint" in model) or model.get("name", "baseline") not in MODEL_NAMES:
-        raise ValueError(f"{path}: [model] needs exactly one of name = {' | '.join(map(repr, MODEL_NAMES))} or checkpoint = 'path'")
+    model = check_model(path, _check_section(path, "model", spec.get("model", {"name": "baseline"}), RUN_FIELDS["model"]))
     data = _check_section(path, "data", spec.get("data", {"name": "rotten_tomatoes"}), RUN_FIELDS["data"] - {"eval_split"} | {"test_limit"})
+    check_data(path, {k: v for k, v in data.items() if k != "test_limit"})
     for field in ("eval_limit", "test_limit", "max_length"):
         if field in data:
             _integer(path, f"[data] {field}", data[field], 2)

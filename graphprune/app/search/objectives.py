@@ -16,11 +16,16 @@ from pathlib import Path
 import torch
 
 from ...ir.masks import count_parameters, has_uncommitted_masks
-from ...training.evaluate import evaluate
+from ...training.evaluate import evaluate, main_metric
+from ...training.tasks import TASK_TYPES
 from ...training.timing import compare_latency, time_interleaved
 
+# The tasks' quality metrics, each maximised, on the validation split (the test split only for the
+# front, at the end); a job may name those of its model's task (text classification: accuracy, macro_f1,
+# ...; token classification and QA: f1, ...; embedders: mrr@10, mean_cosine, ...).
+QUALITY = tuple(dict.fromkeys(m for task in TASK_TYPES.values() for m in task.metrics))
 METRICS = {
-    "accuracy": "maximize",  # on the validation split (the test split only for the front, at the end)
+    **{name: "maximize" for name in QUALITY},
     "latency": "minimize",   # forward time / the input graph's, at [search.latency] batch_size x max_length
     "flops": "minimize",     # FLOPs / the input graph's, at max_length
     "params": "minimize",    # non-zero parameters / the input graph's
@@ -28,7 +33,7 @@ METRICS = {
     "size": "minimize",      # checkpoint (or artefact) size on disk, MB
 }
 CONSTRAINTS = {
-    "accuracy_drop": "points of validation accuracy lost at most",
+    **{f"{name}_drop": f"points of validation {name} lost at most" for name in QUALITY},
     "latency": "latency ratio at most",
     "flops": "FLOPs ratio at most",
     "params": "non-zero parameter ratio at most",
@@ -65,17 +70,33 @@ class Reference:
     max_length: int
     latency_inputs: dict
     latency_iters: int
-    accuracy: float = 0.0
+    quality: dict = None   # the input graph's task metrics on ``data``
     flops: float = 0.0
     params: int = 0
 
     def __post_init__(self):
-        self.accuracy = self.score(self.graph)
+        self.quality = self.score(self.graph)
+        self.main = main_metric(self.graph, self.data)
         self.flops = _flops(self.graph, self.max_length)
         self.params = count_parameters(self.graph)[1]
 
-    def score(self, graph, data=None) -> float:
-        return evaluate(graph, data or self.data, self.tokenizer, max_length=self.max_length, progress=False)["accuracy"]
+    @property
+    def accuracy(self) -> float:
+        """The input graph's main metric on the validation subset (accuracy for classifiers)."""
+        return self.quality[self.main]
+
+    def score(self, graph, data=None) -> dict:
+        """The task's quality metrics of ``graph`` (fractions), as ``graphprune.evaluate`` gives them."""
+        metrics = evaluate(graph, data or self.data, self.tokenizer, max_length=self.max_length, progress=False, reference=self.graph)
+        return {k: v for k, v in metrics.items() if k in QUALITY and v is not None}
+
+    def check_names(self, names, caller: str) -> None:
+        """Refuse, before any trial, an objective or constraint on a metric this task does not measure."""
+        for name in names:
+            base = name[: -len("_drop")] if name.endswith("_drop") else name
+            if base in QUALITY and base not in self.quality:
+                raise ValueError(f"{caller}: {name!r} names a metric this model's task does not measure; it measures "
+                                 f"{', '.join(sorted(self.quality))} (main: {self.main}), so use e.g. {self.main!r} or '{self.main}_drop'")
 
 
 @dataclass
@@ -90,10 +111,12 @@ class Exported:
 
         self.artefact = load_artefact(self.folder, threads=torch.get_num_threads())
 
-    def score(self, reference: Reference, data=None) -> float:
+    def score(self, reference: Reference, data=None) -> dict:
         from ..export import evaluate_artefact
 
-        return evaluate_artefact(self.folder, data or reference.data, reference.tokenizer, max_length=reference.max_length, progress=False)["accuracy"]
+        metrics = evaluate_artefact(self.folder, data or reference.data, reference.tokenizer, max_length=reference.max_length, progress=False,
+                                    reference=reference.graph)
+        return {k: v for k, v in metrics.items() if k in QUALITY and v is not None}
 
     def latency(self, reference: Reference) -> float:
         feeds = {k: v.numpy() for k, v in reference.latency_inputs.items() if k in self.artefact.inputs}
@@ -107,11 +130,10 @@ class Exported:
 
 
 def measure(graph, reference: Reference, wanted: set[str]) -> dict:
-    """The metrics in ``wanted`` (accuracy always) of a trial's graph or artefact (:class:`Exported`)."""
+    """The metrics in ``wanted`` (the task's quality metrics always, with their drops in points) of a trial's graph or artefact."""
     if isinstance(graph, Exported):
         return _measure_artefact(graph, reference, wanted)
-    values = {"accuracy": reference.score(graph)}
-    values["accuracy_drop"] = round((reference.accuracy - values["accuracy"]) * 100, 4)
+    values = _with_drops(reference.score(graph), reference)
     if "latency" in wanted:
         with torch.no_grad():
             values["latency"] = compare_latency(graph.module, reference.graph.module, reference.latency_inputs, iters=reference.latency_iters)["ratio"]
@@ -127,8 +149,7 @@ def measure(graph, reference: Reference, wanted: set[str]) -> dict:
 
 
 def _measure_artefact(exported: Exported, reference: Reference, wanted: set[str]) -> dict:
-    values = {"accuracy": exported.score(reference)}
-    values["accuracy_drop"] = round((reference.accuracy - values["accuracy"]) * 100, 4)
+    values = _with_drops(exported.score(reference), reference)
     if "latency" in wanted:
         values["latency"] = exported.latency(reference)
     if "flops" in wanted:
@@ -141,6 +162,11 @@ def _measure_artefact(exported: Exported, reference: Reference, wanted: set[str]
     if "size" in wanted:
         values["size"] = exported.megabytes()
     return values
+
+
+def _with_drops(quality: dict, reference: Reference) -> dict:
+    drops = {f"{k}_drop": round((reference.quality[k] - v) * 100, 4) for k, v in quality.items() if k in reference.quality}
+    return {**quality, **drops}
 
 
 def needs_commit(graph) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 from ...ir.summary import Summary
 from .front import best_trial, feasible, pareto_front
 from .job import SearchJob
-from .objectives import Exported, measure
+from .objectives import QUALITY, Exported, measure
 
 
 HOUSEKEEPING = {"progress", "num_samples", "score_samples", "reconstruct_samples", "batch_size", "seed"}  # not shown in the table
@@ -97,19 +97,20 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
     test = worker.splits["test"].subset(job.data.get("test_limit"))
     rows, members, graphs = [], [], {}
     wanted = set(job.objectives) | set(job.constraints)
+    main = next((o for o in job.objectives if o in QUALITY), worker.reference.main)  # the quality metric the front reports on test
     for trial in front:
         graph = worker.kept.get(trial.number)  # built by this worker during the search, or built again here
         if graph is None:
             export = trial.user_attrs.get("export")
             graph = worker.build([tuple(s) for s in trial.user_attrs["steps"]], trial.user_attrs.get("finetune"), export,
                                  worker.artefact_folder(trial.number) if export else None)
-        again = measure(graph, worker.reference, wanted - {"accuracy"})
-        test_accuracy = graph.score(worker.reference, test) if isinstance(graph, Exported) else worker.reference.score(graph, test)
+        again = measure(graph, worker.reference, wanted - set(QUALITY))
+        test_quality = graph.score(worker.reference, test) if isinstance(graph, Exported) else worker.reference.score(graph, test)
         run_path = out / "front" / f"trial_{trial.number}.toml"
         _atomic_write(run_path, run_file_text(job, trial, out / "front" / f"trial_{trial.number}"))
         row = {"trial": trial.number, "pipeline": _pipeline(trial), "feasible": feasible(trial),
-               **{f"val_{k}" if k == "accuracy" else k: round(v, 4) for k, v in trial.user_attrs["metrics"].items() if k in wanted},
-               "test_accuracy": round(test_accuracy, 4)}
+               **{f"val_{k}" if k in QUALITY else k: round(v, 4) for k, v in trial.user_attrs["metrics"].items() if k in wanted},
+               f"test_{main}": round(test_quality[main], 4)}
         if "latency" in again:
             row["latency_rerun"] = round(again["latency"], 4)
         rows.append(row)
@@ -123,7 +124,8 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
             graph.save(out / "best")  # masks already committed by the worker's build
     if best is not None and all(m["trial"] != best.number for m in members):  # best is always on the front; kept for safety
         log(f"search: the best trial {best.number} is not on the front")
-    reference = {"validation": round(worker.reference.accuracy, 4), "test": round(worker.reference.score(worker.dense, test), 4)}
+    reference = {"metric": main, "validation": round(worker.reference.quality[main], 4),
+                 "test": round(worker.reference.score(worker.dense, test)[main], 4)}
     columns = list(rows[0]) if rows else ["trial"]
     table = Summary(title=f"search {job.study}: Pareto front of {len(done)} completed trials ({len(failed)} failed); "
                           f"input graph validation {reference['validation']}, test {reference['test']}", columns=columns, rows=rows, total_row=False)
