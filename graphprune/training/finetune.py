@@ -222,6 +222,8 @@ def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config,
     teacher_module = teacher.module.eval() if teacher is not None else None
     targets = set(model_call_of(graph.module).targets)
     embedder = _embedder(graph)
+    call = model_call_of(graph.module)
+    float_head = task_for(graph, "finetune") if call is not None and call.task == "sequence_classification" else None
 
     result = FinetuneResult(steps=0)
     module.train()
@@ -242,7 +244,13 @@ def _train(graph, teacher, train_data, tokenizer, eval_data, collate_fn, config,
                     inputs = {k: v for k, v in batch.items() if k not in targets}
                     with torch.no_grad():
                         teacher_out = teacher_module(**inputs)
-                    loss = distillation_loss(out, teacher_out, loss, config.kd_temperature, config.kd_weight, batch.get("attention_mask"))
+                    if float_head is not None and batch["labels"].dtype.is_floating_point:
+                        # multi-label and regression: a softmax over the outputs would be wrong (independent labels) or
+                        # constant (one output); the task distils each label's sigmoid, or the value itself
+                        kd = float_head.distillation_loss(out, teacher_out, batch, config.kd_temperature)
+                        loss = (1 - config.kd_weight) * loss + config.kd_weight * kd
+                    else:
+                        loss = distillation_loss(out, teacher_out, loss, config.kd_temperature, config.kd_weight, batch.get("attention_mask"))
                 for callback in callbacks:
                     term = callback.extra_loss(graph, batch, result.steps, total) if hasattr(callback, "extra_loss") else None
                     if term is not None:

@@ -161,13 +161,20 @@ def _kprune_scores(graph, task, heads, ffns, batches, teacher, config):
 
 @torch.no_grad()
 def _output_energy(graph, heads, ffns, batches):
-    """Per unit, ``sum_tokens ||W_u x_u||^2``: how much of its sublayer's output it carries."""
+    """Per unit, ``sum_tokens ||W_u x_u||^2`` over real tokens: how much of its sublayer's output it carries.
+
+    Padding is left out, as the least-squares repair leaves it out, so a unit's score does
+    not depend on how the calibration examples were batched.
+    """
     gm = graph.module
     squares: dict[str, torch.Tensor] = {}
+    real: list[torch.Tensor] = []  # the current batch's real-token rows
 
     def hook(name):
         def record(module, args):
             x = args[0].reshape(-1, args[0].shape[-1]).double()
+            if real and len(real[0]) == len(x):
+                x = x[real[0]]
             squares[name] = squares.get(name, 0) + x.T @ x
 
         return record
@@ -176,6 +183,7 @@ def _output_energy(graph, heads, ffns, batches):
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in outs]
     try:
         for batch in batches:
+            real[:] = [batch["attention_mask"].reshape(-1).bool()] if "attention_mask" in batch else []
             gm(**model_inputs(batch, graph))
     finally:
         for handle in handles:

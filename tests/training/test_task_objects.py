@@ -194,3 +194,33 @@ def test_sampled_fisher_of_token_tags_matches_the_exact_sum():
     assert sampled.shape == exact.shape
     assert torch.allclose(sampled, exact, rtol=0.2)  # 400 draws: a few percent of noise per head
     assert torch.corrcoef(torch.stack([sampled.flatten(), exact.flatten()]))[0, 1] > 0.98
+
+
+def test_multi_label_and_regression_distil_and_score_their_own_distributions():
+    task = get_task("text-classification")
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3), torch.randn(4, 3)
+    batch = {"labels": torch.randint(0, 2, (4, 3)).float()}
+    # multi-label: each label's Bernoulli, T^2 * mean over (example, label) of KL(teacher || student), at T = 2
+    ps, pt = torch.sigmoid(s / 2), torch.sigmoid(t / 2)
+    kl = pt * (pt.log() - ps.log()) + (1 - pt) * ((1 - pt).log() - (1 - ps).log())
+    got = task.distillation_loss({"logits": s}, {"logits": t}, batch, 2.0)
+    assert got.item() == pytest.approx(4 * kl.mean().item(), rel=1e-5)
+    # regression: the squared difference of the values, whatever the temperature
+    got = task.distillation_loss({"logits": s[:, :1]}, {"logits": t[:, :1]}, {"labels": torch.randn(4)}, 2.0)
+    assert got.item() == pytest.approx(((s[:, 0] - t[:, 0]) ** 2).mean().item(), rel=1e-6)
+
+
+def test_kprune_on_a_regression_head_scores_by_the_outputs_gradient_and_meets_its_budget():
+    from graphprune.training.data import TextDataset
+
+    torch.manual_seed(0)
+    graph = trace_once(tf.BertForSequenceClassification(tf.BertConfig(**TINY, num_labels=1)).eval())
+    words = " ".join
+    data = TextDataset([words(FILLER[i : i + 5]) for i in range(40)], [float(i % 7) / 7 for i in range(40)], (), name="scores")
+    pruned, info = graphprune.run_pass(graph, "structured_search", {"method": "kprune", "flops": 0.6, "num_samples": 32, "score_samples": 16,
+                                                                   "reconstruct_samples": 16, "seq_len": 16, "progress": False},
+                                       data=graphprune.CalibrationData(data, tiny_tokenizer(), max_length=16))
+    assert info["flops_ratio"] <= 0.6 + 1e-6 and sum(info["heads_per_layer"]) < 8
+    result = graphprune.evaluate(pruned, data, tiny_tokenizer(), max_length=16, progress=False)
+    assert set(result) >= {"pearson", "spearman", "loss"}

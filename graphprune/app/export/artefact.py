@@ -4,7 +4,10 @@ A folder holds the model file, the tokenizer files (where the graph records its
 tokenizer), ``predict.py`` (a copy of :mod:`.standalone`, to run it without
 graphprune) and ``artefact.json``: format, inputs and outputs, label names, source
 model, the passes applied with their configs, versions, file sizes and hashes, the
-check in a fresh process, and accuracy once ``graphprune eval`` has measured it.
+check in a fresh process, accuracy once ``graphprune eval`` has measured it, and what
+``predict.py`` reads texts by: ``max_length`` (the positions the model has),
+``problem_type`` (a multi-label classifier's sigmoid), and for headless encoders
+``embedding_pooling`` (mean, cls or max, as the source model records it) and ``normalize``.
 Nothing appears at the target until the artefact has passed its check; an earlier
 artefact there is replaced only then.
 """
@@ -67,8 +70,25 @@ def write_support_files(graph: Graph, folder: Path, tokenizer=None) -> bool:
 
 
 def label_names(graph: Graph) -> list[str]:
+    """The class names, index = id: those the graph records (a job's label_names, the baseline's), else the config's."""
     id2label = (graph.source.get("config") or {}).get("id2label") or {}
+    recorded = graph.source.get("label_names") or []
+    if recorded and len(recorded) == len(id2label):
+        return list(recorded)
     return [id2label[k] for k in sorted(id2label, key=int)]
+
+
+# model types whose position ids start after the padding id (RoBERTa's numbering): that many fewer usable positions
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
+def usable_length(graph: Graph) -> int | None:
+    """The longest input the model's position embeddings allow, None where the config does not say."""
+    config = graph.source.get("config") or {}
+    positions = config.get("max_position_embeddings")
+    if positions and config.get("model_type") in OFFSET_POSITIONS:
+        positions -= (config.get("pad_token_id") or 0) + 1
+    return positions
 
 
 def build_manifest(graph: Graph, folder: Path, *, artefact: str, model_file: str, inputs, outputs, task, **fields) -> dict:
@@ -96,6 +116,11 @@ def build_manifest(graph: Graph, folder: Path, *, artefact: str, model_file: str
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": {name: package_version(name) for name in ("graphprune", "torch", "transformers", "onnx", "onnxruntime")},
         "accuracy": {},
+        # how predict.py reads texts and pools embeddings; fields the exporter passes take precedence
+        "max_length": usable_length(graph),
+        "problem_type": (graph.source.get("config") or {}).get("problem_type"),
+        "embedding_pooling": (graph.source.get("pooling") or "mean") if task is None else None,
+        "normalize": bool(graph.source.get("normalize", False)),
         **fields,
         "files": files,
     }

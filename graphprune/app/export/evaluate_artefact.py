@@ -82,7 +82,7 @@ def task_of_manifest(manifest: dict):
         if task_type.head is not None and task_type.head == manifest.get("task"):
             return task_type()
     if manifest.get("task") is None:
-        return FeatureExtraction(manifest.get("pooling") or "mean", bool(manifest.get("normalize", False)))
+        return FeatureExtraction(manifest.get("embedding_pooling") or manifest.get("pooling") or "mean", bool(manifest.get("normalize", False)))
     raise ValueError(f"evaluate artefact: a {manifest.get('task')} artefact has no task metrics graphprune measures")
 
 

@@ -23,7 +23,7 @@ from ...ir.errors import ExportError
 from ...ir.exporters import register_exporter
 from ...ir.graph import Graph
 from ...ir.runtime import inference_only
-from .artefact import staged_folder
+from .artefact import label_names, staged_folder
 from .module import ExportModule, float_copy, reference_outputs, sample_cases, signature
 from .verify import finish_artefact
 
@@ -90,6 +90,9 @@ def _stock_class_and_config(graph: Graph):
     if model_class is None or not config_json:
         raise ExportError(f"{NAME}: the graph records no stock transformers model class and config (source: {class_name or 'unknown'})")
     config = transformers.CONFIG_MAPPING[config_json["model_type"]].from_dict(config_json)
+    names = label_names(graph)
+    if names:  # the names the graph records travel into the folder's config, as from_pretrained users read them
+        config.id2label, config.label2id = dict(enumerate(names)), {name: i for i, name in enumerate(names)}
     return model_class, config
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .. import metrics
 from ..data import Collator, TextDataset
@@ -43,8 +44,33 @@ class TextClassification(Task):
         return metrics.classification_metrics(predictions, data.labels, len(data.label_names) or None)
 
     def distributions(self, outputs, batch):
+        """Single-label: the softmax over classes. Multi-label: each label's own Bernoulli (its sigmoid), one position per label."""
         logits = outputs["logits"]
+        if _float_targets(batch) and logits.shape[-1] > 1:
+            z = logits[..., None]
+            return [(torch.cat([F.logsigmoid(-z), F.logsigmoid(z)], -1), torch.ones(logits.shape, dtype=torch.bool, device=logits.device))]
         return [(torch.log_softmax(logits, -1)[:, None, :], torch.ones(len(logits), 1, dtype=torch.bool, device=logits.device))]
+
+    def fisher_terms(self, outputs, batch, teacher, samples, generator):
+        if outputs["logits"].shape[-1] == 1:  # regression: the Fisher of a unit-variance Gaussian's mean is (d mean)^2
+            return [outputs["logits"].sum()]
+        return super().fisher_terms(outputs, batch, teacher, samples, generator)
+
+    def teacher_probabilities(self, outputs, batch):
+        if outputs["logits"].shape[-1] == 1:
+            return []  # regression needs no teacher probabilities (see fisher_terms)
+        return super().teacher_probabilities(outputs, batch)
+
+    def distillation_loss(self, student, teacher, batch, temperature):
+        """Regression: the squared difference of the outputs; otherwise the KL of the distributions at ``temperature``."""
+        if student["logits"].shape[-1] == 1:
+            return F.mse_loss(student["logits"], teacher["logits"].detach())
+        return super().distillation_loss(student, teacher, batch, temperature)
+
+
+def _float_targets(batch) -> bool:
+    labels = batch.get("labels")
+    return isinstance(labels, torch.Tensor) and labels.dtype.is_floating_point
 
 
 def problem_of(data) -> str:
