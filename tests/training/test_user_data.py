@@ -341,7 +341,7 @@ def test_label_the_model_does_not_have(tmp_path):
 def test_placeholder_names_need_label_names(tmp_path):
     path = write_csv(tmp_path / "d.csv", ["text", "label"], [("a", "pos"), ("b", "neg")])
     message = error("text-classification", train=path, model_label_names=("LABEL_0", "LABEL_1"))
-    assert "['LABEL_0', 'LABEL_1']" in message and "['neg', 'pos']" in message and 'label_names = ["neg", "pos"]' in message
+    assert "['LABEL_0', 'LABEL_1']" in message and "['neg', 'pos']" in message and "label_names = [the name of id 0, id 1, ...] in the model's own order" in message
 
 
 @pytest.mark.parametrize("labels, rare", [(["pos", 1, "neg"], "integer"), ([0, 1, 2.5, "x", "y", "z"], None)])
