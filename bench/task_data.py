@@ -5,8 +5,8 @@ Every data set here is written as CSV files plus a job file (``[model]`` and
 (``graphprune.app.job_inputs.load_inputs``): the benchmark exercises what a user runs.
 
 - Rotten Tomatoes: the built-in splits, written with the user's own column names
-  (``review``, ``sentiment``, ``movie``) and label strings (``neg``/``pos``, named in the
-  job's ``label_names`` because the ``hf`` folder's config carries placeholders).
+  (``review``, ``sentiment``, ``movie``) and label strings of their own (``neg``/``pos``,
+  named in the job's ``label_names``, index = the baseline's class id).
 - BBC headline/article pairs: articles split as ``load_bbc_news`` splits them (seeded,
   by article, deduplicated); each article gives a true pair (its own headline) and a
   hard negative: the headline, among the other articles of the same category *in the

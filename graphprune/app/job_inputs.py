@@ -120,8 +120,9 @@ def load_inputs(path, model: dict, data: dict, *, log=print) -> JobInputs:
     own_labels = info.label_names if info.has_head else None
     loaded = load_data(info.task, **files, **options, label_names=model.get("label_names"), model_label_names=own_labels, log=log)
     sizing = {}
-    if info.task in ("text-classification", "token-classification") and not (info.has_head and not info.placeholder_labels):
-        # a new head, or placeholder names: the data's label names (index = id) size and name it
+    named = info.has_head and not info.placeholder_labels and not model.get("label_names")
+    if info.task in ("text-classification", "token-classification") and not named:
+        # a new head, placeholder names, or the job's own names: the data's label names (index = id) size and name it
         sizing = {"label_names": list(loaded.label_names)} if loaded.label_names else {"num_labels": 1}  # no names: regression
     dense = load_model(folder, hub=model.get("hub"), task=info.task, seed=model.get("seed", 0), log=log, **sizing)
     return JobInputs(dense, load_tokenizer(dense.source["tokenizer"]), loaded.splits, info.task)
