@@ -108,12 +108,10 @@ def _cmd_eval(args) -> int:
     from ..training.evaluate import evaluate, main_metric
     from ..training.models import load_tokenizer
     from ..training.tasks import task_for
-    from ..training.data import DATASETS
-    from .job_inputs import data_argument
+    from .job_inputs import check_data_argument, data_argument
     from .workflow import check_labels
 
-    if args.data not in DATASETS and not (args.data.endswith(".toml") and Path(args.data).is_file()):
-        return _fail(f"--data {args.data!r} is neither a built-in data set ({', '.join(DATASETS)}) nor a job file (.toml) with a [data] table")
+    check_data_argument(args.data)  # before a checkpoint loads
     if (Path(args.checkpoint) / "artefact.json").is_file():
         return _eval_artefact(args)
     graph = load(args.checkpoint)

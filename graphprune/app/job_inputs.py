@@ -26,6 +26,7 @@ from ..training.models import load_minilm, load_tokenizer, minilm_path
 from ..training.tasks import TASK_NAMES, task_for
 from ..training.user_data import load_data
 from ..training.user_model import inspect_model, load_model
+from .export.artefact import label_names
 
 MODEL_NAMES = ("minilm", "baseline")
 MODEL_SOURCES = ("name", "checkpoint", "path", "hub")
@@ -100,6 +101,13 @@ def _files_relative(path: Path, value: str) -> str:
     return str(candidate if candidate.is_absolute() or not (path.parent / candidate).exists() else path.parent / candidate)
 
 
+def _read_files(path: Path, data: dict, task: str, label_names, model_labels, log):
+    """The user's files a [data] table names, read for ``task`` and checked against the model's labels."""
+    files = {k: _files_relative(path, data[k]) for k in DATA_FILES if k in data}
+    options = {k: data[k] for k in ("columns", "validation_share", "test_share", "split_seed", "group", "strict") if k in data}
+    return load_data(task, **files, **options, label_names=label_names, model_label_names=model_labels, log=log)
+
+
 def load_inputs(path, model: dict, data: dict, *, log=print) -> JobInputs:
     """Load the job's model and data; the data's labels are checked against the model's before any weights load."""
     path = Path(path)
@@ -107,18 +115,15 @@ def load_inputs(path, model: dict, data: dict, *, log=print) -> JobInputs:
         return _builtin_data(path, model, data)
     if model.get("name") == "minilm":  # the shipped encoder with a new head sized from the user's labels
         model = {**{k: v for k, v in model.items() if k != "name"}, "path": str(minilm_path()), "task": "text-classification"}
-    files = {k: _files_relative(path, data[k]) for k in DATA_FILES if k in data}
-    options = {k: data[k] for k in ("columns", "validation_share", "test_share", "split_seed", "group", "strict") if k in data}
     if "path" not in model and "hub" not in model:  # a checkpoint or the baseline: its task and labels are fixed
         dense, tokenizer = _builtin_model(model, 2)
         task = task_for(dense, f"{path}: [model]").name
-        labels = tuple(dense.source.get("label_names") or _config_labels(dense)) or None
-        loaded = load_data(task, **files, **options, label_names=model.get("label_names"), model_label_names=labels, log=log)
+        loaded = _read_files(path, data, task, model.get("label_names"), tuple(label_names(dense)) or None, log)
         return JobInputs(dense, tokenizer, loaded.splits, task)
     folder = _files_relative(path, model["path"]) if "path" in model else None
     info = inspect_model(folder, hub=model.get("hub"), task=model.get("task"))
     own_labels = info.label_names if info.has_head else None
-    loaded = load_data(info.task, **files, **options, label_names=model.get("label_names"), model_label_names=own_labels, log=log)
+    loaded = _read_files(path, data, info.task, model.get("label_names"), own_labels, log)
     sizing = {}
     named = info.has_head and not info.placeholder_labels and not model.get("label_names")
     if info.task in ("text-classification", "token-classification") and not named:
@@ -143,11 +148,6 @@ def _builtin_data(path: Path, model: dict, data: dict) -> JobInputs:
     return JobInputs(dense, tokenizer, splits, task_for(dense, f"{path}: [model]").name)
 
 
-def _config_labels(graph: Graph) -> list[str]:
-    id2label = (graph.source.get("config") or {}).get("id2label") or {}
-    return [id2label[k] for k in sorted(id2label, key=int)] if id2label else []
-
-
 def _builtin_model(model: dict, num_labels: int):
     """A checkpoint, the cached baseline, or MiniLM with a new head of ``num_labels``."""
     if "checkpoint" in model:
@@ -161,6 +161,12 @@ def _builtin_model(model: dict, num_labels: int):
     return graph, tokenizer
 
 
+def check_data_argument(value: str) -> None:
+    """Refuse a ``--data`` that is neither a built-in data set nor a job file, before anything loads."""
+    if value not in DATASETS and not (value.endswith(".toml") and Path(value).is_file()):
+        raise ValueError(f"--data {value!r} is neither a built-in data set ({', '.join(DATASETS)}) nor a job file (.toml) with a [data] table")
+
+
 def data_argument(value: str, task: str, model_labels=None, *, log=print) -> dict:
     """The splits a command line's ``--data`` names: a built-in data set, or a job file whose [data] names files.
 
@@ -171,16 +177,12 @@ def data_argument(value: str, task: str, model_labels=None, *, log=print) -> dic
         if task != "text-classification":
             raise ValueError(f"--data {value} is text-classification data; the model is {task}")
         return load_dataset(value)
+    check_data_argument(value)
     path = Path(value)
-    if path.suffix != ".toml" or not path.is_file():
-        raise ValueError(f"--data {value!r} is neither a built-in data set ({', '.join(DATASETS)}) nor a job file (.toml) with a [data] table")
     from ..infra.pipeline import read_toml
 
     spec = read_toml(path)
     data = check_data(path, spec.get("data") or {})
     if "name" in data:
         return data_argument(data["name"], task, model_labels, log=log)
-    files = {k: _files_relative(path, data[k]) for k in DATA_FILES if k in data}
-    options = {k: data[k] for k in ("columns", "validation_share", "test_share", "split_seed", "group", "strict") if k in data}
-    label_names = (spec.get("model") or {}).get("label_names")
-    return load_data(task, **files, **options, label_names=label_names, model_label_names=model_labels, log=log).splits
+    return _read_files(path, data, task, (spec.get("model") or {}).get("label_names"), model_labels, log).splits
