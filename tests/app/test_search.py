@@ -303,12 +303,16 @@ def test_on_an_rdb_a_killed_workers_trial_is_failed_by_its_stale_heartbeat(tmp_p
     slow = "[finetune]\nbatch_size = 2\nmax_steps = 100000"
     path = write_job(tmp_path, checkpoint, search="trials = 1\nsampler = \"random\"", finetune=slow)
     command = [sys.executable, "-m", "graphprune", "search", str(path), "--worker-only", "--no-progress", "--storage", storage]
-    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errors = open(tmp_path / "worker.err", "w+")
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
     job = read_search_job(path)
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
             time.sleep(0.5)
+            if worker.poll() is not None:
+                errors.seek(0)
+                pytest.fail(f"the worker exited ({worker.returncode}) before it claimed a trial:\n{errors.read()[-2000:]}")
             if (tmp_path / "study.db").exists() and any(t.state.name == "RUNNING" and "worker" in t.user_attrs
                                                         for t in open_study(job, open_storage(job, storage)).get_trials()):
                 break  # claimed: its first heartbeat is recorded before its worker attribute
@@ -317,6 +321,7 @@ def test_on_an_rdb_a_killed_workers_trial_is_failed_by_its_stale_heartbeat(tmp_p
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait()
+        errors.close()
     monkeypatch.setattr(study_module, "_alive", lambda pid: True)  # the pid check would catch it first on this machine
     monkeypatch.setattr(study_module, "GRACE_S", 2)  # instead of waiting the default 30 s
     time.sleep(3)

@@ -51,10 +51,29 @@ def open_storage(job: SearchJob, url: str | None = None):
     op = optuna()
     url = url or job.storage
     if url:
-        return op.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        return _open_rdb(op, url)
     from optuna.storages.journal import JournalFileBackend
 
     return op.storages.JournalStorage(JournalFileBackend(str(journal_path(job))))
+
+
+def _open_rdb(op, url: str, attempts: int = 6):
+    """Optuna's RDBStorage creates its tables and stamps their version on first open, and two
+    processes opening a new database at once (workers started together) can both try: the
+    loser fails on a duplicate version row or a locked file. The winner's schema is then
+    there, so opening again succeeds."""
+    import random
+    import time
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    for attempt in range(attempts):
+        try:
+            return op.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except (IntegrityError, OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2 ** attempt * (1 + random.random()))  # jittered: the openers do not collide again
 
 
 def make_sampler(job: SearchJob, worker: int = 0):
