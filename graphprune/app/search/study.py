@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -63,7 +64,6 @@ def _open_rdb(op, url: str, attempts: int = 6):
     loser fails on a duplicate version row or a locked file. The winner's schema is then
     there, so opening again succeeds."""
     import random
-    import time
 
     from sqlalchemy.exc import IntegrityError, OperationalError
 
@@ -257,13 +257,18 @@ class Worker:
             if isinstance(dropped, Exported):
                 shutil.rmtree(dropped.folder, ignore_errors=True)
 
-    def work(self, study, storage, *, progress=None, log=print) -> int:
-        """Claim and run trials until the study has ``trials`` completed or running; returns how many this worker ran."""
+    def work(self, study, storage, *, progress=None, log=print, may_start=None) -> int:
+        """Claim and run trials until the study has ``trials`` completed or running; returns how many this worker ran.
+
+        ``may_start(study)``, when given, is asked before each claim: False stops this worker
+        (a time budget that one more trial would overrun)."""
         op = optuna()
         from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # what study.optimize uses
 
         ran, host = 0, socket.gethostname()
         while True:
+            if may_start is not None and not may_start(study):
+                return ran
             with claim_lock(self.job, storage):
                 fail_dead_trials(study)
                 busy = study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE, op.trial.TrialState.RUNNING))
@@ -279,10 +284,13 @@ class Worker:
                 study.tell(trial, state=op.trial.TrialState.FAIL)
                 return ran
             with get_heartbeat_thread(trial._trial_id, storage):
+                started = time.perf_counter()
                 try:
                     values, graph = self.objective(trial)
+                    trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))  # what a time budget estimates from
                 except Exception as error:  # the trial fails, the search goes on
                     trial.set_user_attr("error", f"{type(error).__name__}: {str(error)[:300]}")
+                    trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
                     study.tell(trial, state=op.trial.TrialState.FAIL)
                     log(f"trial {trial.number} failed: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
                 else:
