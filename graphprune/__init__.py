@@ -54,6 +54,7 @@ from .training.schedule import GradualPruning, cubic_sparsity
 from .ir.exporters import export_formats, register_exporter
 from .app.export import evaluate_artefact, load_artefact  # registers the built-in export formats
 from .app.search import search
+from .app.compress import compress
 
 __version__ = "0.1.0"
 
@@ -74,6 +75,7 @@ __all__ = [
     "check_choice",
     "check_range",
     "commit_masks",
+    "compress",
     "count_parameters",
     "cubic_sparsity",
     "dummy_inputs",

@@ -7,6 +7,8 @@
     graphprune export CKPT OUT --format F  an artefact folder that runs without graphprune
                                            (onnx [--quantize dynamic|static], aoti, hf)
     graphprune run pipeline.toml           model, data, passes, fine-tune, evaluation, output
+    graphprune compress MODEL --data DATA  the fastest artefact within --max-drop points, in --time
+    graphprune report DIR                  report.html for a compress or search output folder
     graphprune demo                        the main job on the shipped model and data: compress,
                                            recover, int8, export to ONNX Runtime and AOTInductor
 
@@ -209,6 +211,21 @@ def _cmd_search(args) -> int:
     return 0
 
 
+def _cmd_compress(args) -> int:
+    from .compress import compress
+
+    result = compress(args.model, args.data, task=args.task, max_drop=args.max_drop, time=args.time, trials=args.trials, shapes=args.shapes,
+                      runtimes=args.runtimes, out=args.out, storage=args.storage, workers=args.workers, progress=not args.no_progress)
+    return 0 if result["chosen"] is not None else 1
+
+
+def _cmd_report(args) -> int:
+    from .compress.html import write_report
+
+    print(write_report(args.folder))
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -255,6 +272,23 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     search.add_argument("--no-progress", action="store_true", help="no progress bar")
     search.set_defaults(fn=_cmd_search)
+    comp = sub.add_parser("compress", help="the fastest artefact within a stated loss, in a time budget, with report.html")
+    comp.add_argument("model", help="a built-in model (baseline, minilm), a checkpoint or save_pretrained folder, or a job file with [compress]")
+    comp.add_argument("--data", default=None, help="a built-in data set or a job file whose [data] names your files (default rotten_tomatoes)")
+    comp.add_argument("--task", default=None, help="the model's task (HF pipeline name) where its config does not say")
+    comp.add_argument("--max-drop", default=None, help="points of the main metric lost on validation at most (default 1; '1%%' is relative)")
+    comp.add_argument("--time", default=None, help="the whole run's budget: 90s, 30m, 1h (default 30m)")
+    comp.add_argument("--trials", type=int, default=None, help="at most this many trials")
+    comp.add_argument("--shapes", default=None, help="batch x length to time, the first one searched (default 8x128,1x64)")
+    comp.add_argument("--runtimes", default=None, help="of onnx, aoti, torch (default all)")
+    comp.add_argument("--out", default=None, help="output folder (default ./compressed; a job file's: beside it)")
+    comp.add_argument("--storage", default=None, help="an Optuna RDB URL shared by workers on several machines")
+    comp.add_argument("--workers", type=int, default=None, help="worker processes (default 1)")
+    comp.add_argument("--no-progress", action="store_true", help="no progress line")
+    comp.set_defaults(fn=_cmd_compress)
+    rep = sub.add_parser("report", help="write report.html for a compress or search output folder")
+    rep.add_argument("folder")
+    rep.set_defaults(fn=_cmd_report)
     demo = sub.add_parser("demo", help="the main job on the shipped model and data")
     demo.add_argument("--cache", default=None, help="cache folder for the baseline (default $GRAPHPRUNE_CACHE or ~/.cache/graphprune)")
     demo.add_argument("--recovery-steps", type=int, default=60)

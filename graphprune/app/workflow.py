@@ -27,6 +27,25 @@ def latency_batch(data, tokenizer, *, batch_size: int = 32, max_length: int = 64
     return {k: v for k, v in batch.items() if k not in task.targets}
 
 
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def shape_batch(data, tokenizer, *, batch_size: int, length: int) -> dict:
+    """Exactly ``batch_size`` x ``length`` tokens of real examples (repeated where there are fewer, padded where
+    shorter): what a latency at a shape times, whatever the data's own lengths."""
+    import torch
+
+    task = task_for_data(data)
+    batch = task.collate([data[i % len(data)] for i in range(batch_size)], tokenizer, length)
+    out = {}
+    for key in MODEL_INPUTS:
+        if key in batch:
+            value = batch[key][:, :length]
+            pad = (tokenizer.pad_token_id or 0) if key == "input_ids" else 0
+            out[key] = torch.nn.functional.pad(value, (0, length - value.shape[1]), value=pad)
+    return out
+
+
 def stage_row(name: str, graph: Graph, dense: Graph, data, tokenizer, latency_inputs: dict, *, progress: bool = True, max_length: int = 64) -> dict:
     """One row of a results table: the task's main metric (and loss) on ``data``, sizes, latency against ``dense``."""
     metric = main_metric(graph, data)

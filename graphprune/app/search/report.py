@@ -30,14 +30,18 @@ def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the files from the other users of a shared folder
     os.replace(tmp, path)
 
 
 def run_file_text(job: SearchJob, trial, checkpoint: Path) -> str:
     import tomli_w
 
-    model = {k: (str(Path(job.path.parent, v).resolve()) if k == "checkpoint" else v) for k, v in job.model.items()}
-    data = {"name": job.data.get("name", "rotten_tomatoes"), "eval_split": "test", "max_length": job.data.get("max_length", 64)}
+    # paths in a job file are relative to its folder; the run file may be run from anywhere
+    model = {k: (str(Path(job.path.parent, v).resolve()) if k in ("checkpoint", "path") else v) for k, v in job.model.items()}
+    data = {k: (str(Path(job.path.parent, v).resolve()) if k in ("train", "validation", "test") else v)
+            for k, v in job.data.items() if k not in ("eval_limit", "test_limit")}
+    data = {**({"name": "rotten_tomatoes"} if "train" not in data else {}), **data, "eval_split": "test", "max_length": job.data.get("max_length", 64)}
     if "test_limit" in job.data:
         data["eval_limit"] = job.data["test_limit"]
     spec = {"model": model, "data": data, "passes": [{"name": n, **c} for n, c in trial.user_attrs["steps"]]}

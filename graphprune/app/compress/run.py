@@ -1,0 +1,235 @@
+"""``graphprune compress``: from a model and its data to the fastest artefact within a stated loss, in a time budget.
+
+    >>> result = graphprune.compress("runs/my-bert", "job.toml", max_drop=1, time="30m", out="compressed")
+    >>> result["chosen"]["speedups"]["8x128"]   # {'vs_eager_fp32': ..., 'vs_ort_int8': ..., 'vs_aoti_fp32': ...}
+
+The run: load the model and data; measure the dense model (validation metric, the dense
+references exported and timed); search the default space of the task (``space.py``) with
+Optuna, objectives the main metric and latency at the first shape, at most ``max_drop``
+points lost on the whole validation split, until the budget (``budget.py``) says the next
+trial would not end in time; time the fastest candidates again side by side and choose
+(``choose.py``); score the choice on test, export it and evaluate the artefact in its own
+runtime; write the output folder (``outputs.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+from ...ir.graph import load
+from ...ir.runtime import RUNTIME
+from ..export import evaluate_artefact
+from ..job_inputs import load_inputs
+from ..search.job import read_search_job
+from ..search.objectives import Exported, Reference
+from ..search.study import Worker, open_storage, open_study, optuna
+from ..workflow import check_labels, shape_batch
+from .budget import Budget, format_seconds
+from .choose import REFERENCES, candidates, choose, prepare, speedups, time_side_by_side
+from .estimates import Estimates
+from .outputs import TrialBar, search_job_text, write_outputs
+from .spec import CompressSpec, data_argument, make_spec, model_argument, read_compress_job
+
+PROBE_ROUNDS = 3  # timed first to learn a round's seconds, so the rounds fill the time the trials left
+REPEATS_IN_A_ROW = 10  # consecutive trials that only drew pipelines already run: the space is exhausted
+
+
+DEFAULTS = {"max_drop": 1.0, "time": "30m", "trials": None, "shapes": "8x128,1x64", "runtimes": "onnx,aoti,torch", "out": "compressed",
+            "storage": None, "workers": 1, "seed": 0}
+
+
+def compress(model, data=None, *, task=None, max_drop=None, time=None, trials=None, shapes=None, runtimes=None, out=None, storage=None,
+             workers=None, seed=None, progress=True, log=print, clock=None) -> dict:
+    """Compress ``model`` (a built-in name, a checkpoint or save_pretrained folder, or a job file with ``[compress]``)
+    on ``data`` (a built-in data set or a job file naming files); returns the run's JSON (also written to ``out``).
+
+    Defaults: ``max_drop=1`` point (``"1%"``: relative to dense), ``time="30m"``, ``shapes="8x128,1x64"``,
+    ``runtimes="onnx,aoti,torch"``, ``out="compressed"``; options given here override a job file's ``[compress]``.
+    """
+    import time as _time
+
+    clock = clock or _time.monotonic
+    start = clock()
+    given = {k: v for k, v in {"max_drop": max_drop, "time": time, "trials": trials, "shapes": shapes, "runtimes": runtimes, "out": out,
+                               "storage": storage, "workers": workers, "seed": seed}.items() if v is not None}
+    if isinstance(model, CompressSpec):
+        spec = model
+    elif str(model).endswith(".toml"):
+        spec = read_compress_job(model, **given)
+    else:
+        spec = make_spec(model_argument(str(model), task), data_argument(data), **{**DEFAULTS, **given})
+    return Compression(spec, Budget(spec.seconds, clock, start=start), progress=progress, log=log).run()
+
+
+class CompressWorker(Worker):
+    """A search worker that also keeps the graphs of the fastest feasible trials: the finale times them again."""
+
+    def keep(self, study, number: int, graph) -> None:
+        if graph is not None:
+            self.kept[number] = graph
+        done = study.get_trials(deepcopy=False, states=(optuna().trial.TrialState.COMPLETE,))
+        wanted = {t.number for t in candidates(done)}
+        for n in [n for n in self.kept if n not in wanted]:
+            dropped = self.kept.pop(n)
+            if isinstance(dropped, Exported):
+                shutil.rmtree(dropped.folder, ignore_errors=True)
+
+
+class Compression:
+    def __init__(self, spec: CompressSpec, budget: Budget, *, progress: bool, log):
+        self.spec, self.budget, self.progress, self.log = spec, budget, progress, log
+        self.phases: dict[str, float] = {}
+        self.stopped, self.started = None, 0
+
+    def run(self) -> dict:
+        with warnings.catch_warnings(), _no_tqdm_bars():
+            # Inductor's int8 lowering copies its zero points with torch.tensor(tensor) and warns on every compile
+            warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
+            self.setup()
+            self.search()
+            return self.finale()
+
+    # --- before the trials: load, check the budget, measure the dense model -------------------------------------------
+    def setup(self) -> None:
+        spec, budget = self.spec, self.budget
+        inputs = load_inputs(spec.out / "search_job.toml", spec.model, spec.data, log=lambda *a: None)
+        self.dense, self.tokenizer, self.splits, self.task = inputs.dense, inputs.tokenizer, inputs.splits, inputs.task
+        validation = self.splits["validation"]
+        check_labels(self.dense, validation)
+        self.max_length = spec.data.get("max_length", 64)
+        self.shapes = {f"{b}x{n}": shape_batch(validation, self.tokenizer, batch_size=b, length=n) for b, n in spec.shapes}
+        self.estimates = Estimates.measure(self.dense, validation, self.splits["test"], self.tokenizer, self.max_length, self.shapes)
+        budget.prior = self.estimates.trial()
+        budget.check_fits(budget.elapsed() + self.estimates.setup(), budget.prior, self.estimates.finale(compiles="torch" in spec.runtimes), "compress")
+        self.reference = Reference(self.dense, validation, self.tokenizer, self.max_length, self.shapes[next(iter(self.shapes))], 10)
+        self.metric = self.reference.main
+        dense_value = self.reference.quality[self.metric]
+        self.limit = spec.max_drop * dense_value if spec.relative else spec.max_drop  # points
+        self.references = self.export_references()
+        spec.out.mkdir(parents=True, exist_ok=True)
+        job_path = spec.out / "search_job.toml"
+        _write(job_path, search_job_text(spec, self.task, self.metric, self.limit))
+        self.job = read_search_job(job_path)  # the default space and the user's narrowing, checked like any search job
+        self.worker = CompressWorker(self.job, self.dense, self.tokenizer, self.splits, self.reference)
+        self.phases["setup"] = budget.elapsed()
+        # a lowered graph compiled in torch is compiled again when its checkpoint loads for the test scoring
+        self.compiles = any(name == "lower" and config.get("compile", True) for _, name, config, _ in self.job.passes)
+        budget.finale = self.estimates.finale(compiles=self.compiles)
+        self.log(f"compress: {self.task}, {self.metric} on validation {dense_value:.4f} (dense), at most {self.limit:.2f} points lost; "
+                 f"budget {format_seconds(budget.total)}, {format_seconds(budget.left())} left after setup")
+
+    def export_references(self) -> dict:
+        """The dense model as the peers a user would otherwise pick: ONNX Runtime int8 and AOTInductor fp32."""
+        folder = self.spec.out / "dense_references"
+        started = time.perf_counter()
+        made = {REFERENCES[0]: self.dense}
+        for name, options in ((REFERENCES[1], {"format": "onnx", "quantize": "dynamic"}), (REFERENCES[2], {"format": "aoti"})):
+            target = folder / name.replace(" ", "_")
+            shutil.rmtree(target, ignore_errors=True)
+            self.dense.export(target, tokenizer=self.tokenizer, **options)
+            made[name] = target
+        self.estimates.export_seconds = (time.perf_counter() - started) / 2
+        return made
+
+    # --- the trials -----------------------------------------------------------------------------------------------------
+    def search(self) -> None:
+        store = open_storage(self.job, self.spec.storage)
+        study = open_study(self.job, store)
+        started = self.budget.elapsed()
+        with TrialBar(self.progress, self.budget, self.metric, self.limit) as bar:
+            bar.watch(study)
+            self.worker.work(study, store, progress=bar, log=self.log, may_start=self.may_start)
+        self.stopped = self.stopped or "trials"
+        self.study = study
+        self.phases["trials"] = self.budget.elapsed() - started
+
+    def may_start(self, study) -> bool:
+        trials = study.get_trials(deepcopy=False, states=(optuna().trial.TrialState.COMPLETE, optuna().trial.TrialState.FAIL))
+        recent = [t for t in sorted(trials, key=lambda t: t.number)][-REPEATS_IN_A_ROW:]
+        if len(recent) == REPEATS_IN_A_ROW and all("repeat_of" in t.user_attrs for t in recent):
+            self.stopped = "space"
+            return False
+        if self.started and not self.budget.may_start([t.user_attrs.get("seconds") for t in trials if "repeat_of" not in t.user_attrs]):
+            self.stopped = "budget"
+            return False
+        self.started += 1  # the first trial always runs: the budget was checked to hold one before any work
+        return True
+
+    # --- after the trials: time the candidates again, choose, test, export -------------------------------------------------
+    def finale(self) -> dict:
+        started = self.budget.elapsed()
+        done = self.study.get_trials(deepcopy=False, states=(optuna().trial.TrialState.COMPLETE,))
+        chosen, timed, test = None, {}, {"dense": self.reference.score(self.dense, self.splits["test"])[self.metric]}
+        picks = candidates(done)
+        if picks:
+            models = dict(self.references)
+            for trial in picks:
+                models[f"trial {trial.number}"] = self.worker.kept.get(trial.number) or self.rebuild(trial)
+            # after the timing: the test scoring, twice; a torch graph is compiled again when its checkpoint is loaded
+            compiles = any(not isinstance(m, Exported) and (m.meta.get(RUNTIME) or {}).get("compile")
+                           for name, m in models.items() if name.startswith("trial"))
+            after = self.estimates.test_seconds() * 2 + (self.estimates.export_seconds if compiles else 2.0)
+            calls = prepare(models, self.shapes)
+            time_side_by_side(calls, 1, warmup=1)  # first calls allocate and tune: not a round's cost
+            began = time.perf_counter()
+            time_side_by_side(calls, PROBE_ROUNDS, warmup=0)  # what a round takes here, now, with these models
+            rounds = self.budget.rounds((time.perf_counter() - began) / PROBE_ROUNDS, after=after)
+            timed = time_side_by_side(calls, rounds)
+            name = choose(timed, [f"trial {t.number}" for t in picks])
+            trial = next(t for t in picks if f"trial {t.number}" == name)
+            chosen = self.deliver(trial, models[name], timed, test)
+            chosen["timing_rounds"] = rounds
+        self.phases["finale"] = self.budget.elapsed() - started
+        result = write_outputs(self, done, picks, timed, chosen, test)
+        return result
+
+    def rebuild(self, trial):
+        """A candidate another process ran (or an earlier run of a resumed study): built again from its pipeline."""
+        export = trial.user_attrs.get("export")
+        return self.worker.build([tuple(s) for s in trial.user_attrs["steps"]], trial.user_attrs.get("finetune"), export,
+                                 self.worker.artefact_folder(trial.number) if export else None)
+
+    def deliver(self, trial, model, timed: dict, test: dict) -> dict:
+        """Score the chosen trial's graph on test, write its artefact, evaluate the artefact in its own runtime on test."""
+        target = self.spec.out / "artefact"
+        tmp = target.with_name(".artefact.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        graph = model.graph if isinstance(model, Exported) else model
+        test["graph"] = self.reference.score(graph, self.splits["test"])[self.metric]
+        if isinstance(model, Exported):
+            shutil.copytree(model.folder, tmp)
+        else:
+            graph.save(tmp)
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        if isinstance(model, Exported):
+            scores = evaluate_artefact(target, self.splits["test"], self.tokenizer, max_length=self.max_length, progress=False, reference=self.dense)
+        else:
+            scores = self.reference.score(load(target), self.splits["test"])
+        test["artefact"] = scores[self.metric]
+        return {"trial": trial.number, "graph": graph, "exported": isinstance(model, Exported), "speedups": speedups(timed, f"trial {trial.number}")}
+
+
+def _write(path: Path, text: str) -> None:
+    from ..search.report import _atomic_write
+
+    _atomic_write(path, text)
+
+
+@contextlib.contextmanager
+def _no_tqdm_bars():
+    """The passes' own tqdm bars would break the run's progress line into pieces: off while it runs."""
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before

@@ -1,0 +1,235 @@
+"""``graphprune compress``: the budget on a fake clock, the choice against a hand-built study, and a whole run on a tiny model."""
+
+import json
+import math
+import random
+import re
+import shutil
+
+import optuna
+import pytest
+import torch
+import transformers as tf
+
+import graphprune
+from graphprune.app.cli import main
+from graphprune.app.compress.budget import AIM, HIGH, LOW, MIN_ROUNDS, Budget, parse_duration
+from graphprune.app.compress.choose import candidates, choose, speedups
+from graphprune.app.compress.spec import parse_max_drop, parse_runtimes, parse_shapes
+from graphprune.app.export import evaluate_artefact
+from graphprune.training.user_data import load_data
+
+from ..models import TINY, sentiment_data, tiny_tokenizer
+from .test_user_jobs import write_csv
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("1h", 3600), ("1h30m", 5400), ("2.5m", 150), (45, 45), ("600", 600)])
+def test_durations_read_as_seconds(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "-5m", "0s", "5 minutes", None, True])
+def test_a_bad_duration_names_the_option_and_the_forms(text):
+    with pytest.raises(ValueError, match=r"--time = .* expected a duration such as 90s, 30m, 1h"):
+        parse_duration(text)
+
+
+def test_bad_limits_shapes_and_runtimes_are_named():
+    assert parse_max_drop(1) == (1.0, False) and parse_max_drop("0.5%") == (0.5, True)
+    assert parse_shapes("8x128,1x64") == ((8, 128), (1, 64)) and parse_runtimes("torch,onnx") == ("onnx", "torch")
+    for call, value, words in ((parse_max_drop, "-1", "max-drop"), (parse_max_drop, "one", "max-drop"), (parse_shapes, "8by128", "batch x length"),
+                               (parse_shapes, "8x128,8x128", "distinct"), (parse_runtimes, "tensorrt", "onnx, aoti, torch")):
+        with pytest.raises(ValueError, match=words):
+            call(value)
+
+
+@pytest.mark.parametrize("total, trial, setup, finale", [(600, 30, 40, 30), (1800, 120, 60, 60), (1800, 300, 60, 60), (3600, 200, 120, 90)])
+def test_on_a_fake_clock_no_trial_ends_past_the_finale_and_the_run_ends_within_its_budget(total, trial, setup, finale):
+    """Trials of varying length (as recovery steps vary), a finale that takes what was estimated: the run ends in [LOW, HIGH]."""
+    rng = random.Random(total + trial)
+    clock = FakeClock()
+    budget = Budget(total, clock)
+    clock.t += setup
+    budget.prior, budget.finale = trial, finale
+    durations, starts = [], []
+    while budget.may_start(durations):
+        starts.append(budget.elapsed())
+        duration = rng.uniform(0.6, 1.0) * trial  # never above the slowest-so-far times the margin: the first is the prior
+        clock.t += duration
+        durations.append(duration)
+        assert budget.elapsed() <= total - finale  # the trial ended before the finale had to begin
+    assert durations, "the budget held a trial"
+    round_s = 0.8
+    rounds = budget.rounds(round_s, after=finale - 30 * round_s)
+    assert rounds >= MIN_ROUNDS
+    clock.t += rounds * round_s + finale - 30 * round_s
+    assert LOW * total <= budget.elapsed() <= HIGH * total
+    assert budget.elapsed() <= AIM * total + round_s + 1e-9 or rounds == MIN_ROUNDS
+
+
+def test_a_budget_that_cannot_hold_one_trial_says_what_it_needs():
+    budget = Budget(120, FakeClock())
+    with pytest.raises(ValueError, match=r"--time 2m is too short for one trial: about 3m20s is needed .* give at least --time 4m"):
+        budget.check_fits(fixed=50, trial=100, finale=50)
+    budget.check_fits(fixed=10, trial=60, finale=40)  # 110 s fits
+
+
+def _trial(number, accuracy, latency, drop, limit=1.0, repeat_of=None):
+    attrs = {"metrics": {"accuracy": accuracy, "latency": latency, "accuracy_drop": drop}}
+    if repeat_of is not None:
+        attrs["repeat_of"] = repeat_of
+    return optuna.trial.create_trial(values=[accuracy, latency], user_attrs=attrs, constraints={"accuracy_drop": drop - limit})
+
+
+def test_the_candidates_are_the_fastest_feasible_trials_and_the_choice_is_the_geometric_mean_of_the_re_timing():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    rows = [(0.83, 0.30, 0.2), (0.80, 0.10, 3.0), (0.82, 0.20, 0.9), (0.82, 0.15, 1.0), (0.83, 0.25, 0.1), (0.81, 0.12, 1.5)]
+    for number, (accuracy, latency, drop) in enumerate(rows):
+        study.add_trial(_trial(number, accuracy, latency, drop))
+    study.add_trial(_trial(6, 0.82, 0.15, 1.0, repeat_of=3))  # a repeat is one pipeline, once
+    done = study.get_trials(deepcopy=False)
+    # feasible (drop <= 1): trials 0, 2, 3, 4 (and the repeat); the fastest three by latency: 3 (0.15), 2 (0.20), 4 (0.25)
+    assert [t.number for t in candidates(done)] == [3, 2, 4]
+    timed = {"dense eager fp32": {"8x128": 100.0, "1x64": 10.0}, "dense ort int8": {"8x128": 40.0, "1x64": 5.0}, "dense aoti fp32": {"8x128": 50.0, "1x64": 4.0},
+             "trial 3": {"8x128": 12.0, "1x64": 4.0}, "trial 2": {"8x128": 15.0, "1x64": 2.5}, "trial 4": {"8x128": 11.0, "1x64": 5.0}}
+    means = {n: math.sqrt(timed[n]["8x128"] / 100 * timed[n]["1x64"] / 10) for n in ("trial 3", "trial 2", "trial 4")}
+    assert choose(timed, list(means)) == min(means, key=means.get) == "trial 2"  # fastest at 1x64 outweighs 8x128
+    assert speedups(timed, "trial 2")["1x64"] == {"vs_eager_fp32": 4.0, "vs_ort_int8": 2.0, "vs_aoti_fp32": 1.6}
+
+
+SPACE = """
+[[passes]]
+name = "structured_search"
+optional = true
+method = "kprune"
+flops = {{ choice = [0.4, 0.7] }}
+num_samples = 32
+score_samples = 16
+reconstruct_samples = 16
+seq_len = 16
+progress = false
+
+[[passes]]
+name = "lower"
+activations = {{ choice = ["static", "dynamic"] }}
+num_samples = 16
+compile = false
+
+[finetune]
+distill = true
+max_steps = {{ choice = [0, 3] }}
+batch_size = 8
+
+[export]
+optional = true
+format = "onnx"
+quantize = {{ choice = ["dynamic", "static"] }}
+"""
+
+
+def _user_job(root, time="90s", extra=""):
+    torch.manual_seed(0)
+    labels = ("neg", "pos")
+    config = tf.BertConfig(**TINY, num_labels=2, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+    tf.BertForSequenceClassification(config).eval().save_pretrained(root / "model")
+    tiny_tokenizer().save_pretrained(root / "model")
+    for split, seed, n in (("train", 0, 96), ("validation", 2, 32), ("test", 1, 32)):
+        d = sentiment_data(n, seed=seed)
+        write_csv(root / f"{split}.csv", [(t, d.label_names[y]) for t, y in zip(d.texts, d.labels)], ["review", "sentiment"])
+    path = root / "job.toml"
+    path.write_text(f"""
+[model]
+path = "model"
+
+[data]
+train = "train.csv"
+validation = "validation.csv"
+test = "test.csv"
+columns = {{ text = "review", label = "sentiment" }}
+max_length = 16
+
+[compress]
+max_drop = 50
+time = "{time}"
+shapes = ["4x16", "1x8"]
+runtimes = ["onnx", "torch"]
+{extra}
+""" + SPACE.format())
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compress")
+    path = _user_job(root)
+    result = graphprune.compress(path, progress=False, log=lambda *a: None)
+    return root, path, result
+
+
+def test_a_run_keeps_its_budget_and_writes_every_output(run):
+    root, path, result = run
+    out = root / "job_compressed"
+    assert {p.name for p in out.iterdir()} >= {"artefact", "run.toml", "search_job.toml", "front.json", "compress.json", "report.html"}
+    assert json.loads((out / "compress.json").read_text()) == json.loads(json.dumps(result, default=str))
+    budget = result["budget"]
+    assert budget["stopped"] in ("budget", "space") and (LOW <= budget["share"] <= HIGH or budget["stopped"] == "space"), budget
+    assert result["trials"] and all(t["state"] in ("COMPLETE", "FAIL") for t in result["trials"])
+
+
+def test_the_chosen_artefact_scores_on_test_what_its_own_runtime_gives(run):
+    root, path, result = run
+    chosen = result["chosen"]
+    assert chosen is not None and chosen["trial"] in [c["trial"] for c in result["candidates"]]
+    test = load_data("text-classification", train=str(root / "train.csv"), validation=str(root / "validation.csv"), test=str(root / "test.csv"),
+                     columns={"text": "review", "label": "sentiment"}, model_label_names=("neg", "pos"), log=lambda *a: None).splits["test"]
+    artefact = root / "job_compressed" / "artefact"
+    if chosen["export"]:
+        again = evaluate_artefact(artefact, test, max_length=16, progress=False)["accuracy"]
+    else:
+        again = graphprune.evaluate(graphprune.load(artefact), test, tiny_tokenizer(), max_length=16, progress=False)["accuracy"]
+    assert again == pytest.approx(chosen["test_artefact"], abs=1e-9)
+    assert chosen["drop_test_points"] == pytest.approx(100 * (result["dense"]["test"] - chosen["test_artefact"]), abs=1e-6)
+    for shape, ratios in chosen["speedups"].items():  # the speed-ups are the side-by-side timings' ratios
+        assert ratios["vs_eager_fp32"] == pytest.approx(result["dense"]["ms"]["dense eager fp32"][shape] / chosen["ms"][shape], rel=1e-2)
+
+
+def test_the_report_is_self_contained_and_shows_the_runs_numbers(run):
+    root, path, result = run
+    page = (root / "job_compressed" / "report.html").read_text()
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    urls = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)""", page) + re.findall(r"url\(([^)]+)\)", page)
+    assert urls and all(u.startswith("data:") or u.startswith("#") for u in urls), [u[:40] for u in urls if not u.startswith("data:")]
+    cells = {m for m in re.findall(r'data-v="([^"]*)"', page)}
+    chosen = result["chosen"]
+    for value in (result["dense"]["validation"], result["dense"]["test"], chosen["test_artefact"], chosen["validation"],
+                  *chosen["ms"].values(), *(r["vs_eager_fp32"] for r in chosen["speedups"].values())):
+        assert str(value) in cells, value
+    assert all(str(t["trial"]) in cells for t in result["trials"])
+    # `graphprune report DIR` writes the same page again from the JSON
+    before = page
+    (root / "job_compressed" / "report.html").unlink()
+    assert main(["report", str(root / "job_compressed")]) == 0
+    assert (root / "job_compressed" / "report.html").read_text() == before
+
+
+def test_a_budget_too_small_is_refused_before_anything_is_written(tmp_path, capsys):
+    path = _user_job(tmp_path, time="3s")
+    assert main(["compress", str(path), "--no-progress"]) == 2
+    assert "too short for one trial" in capsys.readouterr().err
+    assert not (tmp_path / "job_compressed").exists()
+
+
+def test_an_unknown_compress_field_and_a_missing_model_are_clear_errors(tmp_path, capsys):
+    path = _user_job(tmp_path, extra='budget = "5m"')
+    assert main(["compress", str(path)]) == 2
+    assert "[compress] has unknown field 'budget'" in capsys.readouterr().err
+    assert main(["compress", str(tmp_path / "nowhere"), "--data", "rotten_tomatoes"]) == 2
+    assert "is neither a built-in model" in capsys.readouterr().err
