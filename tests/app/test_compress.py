@@ -233,3 +233,65 @@ def test_an_unknown_compress_field_and_a_missing_model_are_clear_errors(tmp_path
     assert "[compress] has unknown field 'budget'" in capsys.readouterr().err
     assert main(["compress", str(tmp_path / "nowhere"), "--data", "rotten_tomatoes"]) == 2
     assert "is neither a built-in model" in capsys.readouterr().err
+
+
+def _browser():
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(_browser() is None, reason="no Chromium here (apt-get install chromium; .ci/run installs it)")
+def test_the_report_renders_in_headless_chromium_with_a_quiet_console_and_its_plots_drawn(run, tmp_path):
+    import subprocess
+
+    import matplotlib.image
+
+    root, _, result = run
+    page = root / "job_compressed" / "report.html"
+    common = [_browser(), "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run", "--enable-logging=stderr", "--v=0",
+              f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2600", "--hide-scrollbars"]
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    shot = subprocess.run(common + [f"--screenshot={tmp_path / 'page.png'}", page.as_uri()], capture_output=True, text=True, timeout=180, env=env)
+    console = [line for line in shot.stderr.splitlines() if "CONSOLE" in line or "Refused to" in line or "Uncaught" in line]
+    assert not console, console  # a script error or a blocked resource would be logged here
+    pixels = matplotlib.image.imread(tmp_path / "page.png")[..., :3]
+    blue = (abs(pixels - torch.tensor([31, 119, 180]).numpy() / 255).max(axis=-1) < 0.06).sum()
+    assert blue > 200, "the plots' front markers and kept-unit bars (#1f77b4) are not drawn: the data: images did not render"
+    dom = subprocess.run(common + ["--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180, env=env).stdout
+    chosen = result["chosen"]
+    for value in (chosen["test_artefact"], result["dense"]["test"]):
+        assert f'data-v="{value}"' in dom  # the rendered page carries the run's own numbers
+
+
+def test_optuna_dashboard_lists_the_study_with_each_trials_pipeline(run):
+    """The study lives where Optuna's own tools read it: optuna-dashboard on the journal shows the pipelines."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed (pip install optuna-dashboard)")
+    root, _, result = run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    journal = root / "job_compressed" / "search_job.journal"
+    launcher = "import sys; from optuna_dashboard._cli import main; sys.exit(main())"  # the optuna-dashboard command
+    server = subprocess.Popen([sys.executable, "-c", launcher, str(journal), "--storage-class", "JournalFileStorage", "--host", "127.0.0.1",
+                               "--port", str(port), "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, studies = time.time() + 60, None
+        while time.time() < deadline and studies is None:
+            try:
+                studies = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5).read())["study_summaries"]
+            except OSError:
+                time.sleep(0.5)
+        assert studies is not None, "optuna-dashboard did not answer"
+        study = next(s for s in studies if s["study_name"] == "compress")
+        detail = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}?after=0", timeout=10).read())
+        shown = {t["number"]: {a["key"]: a["value"] for a in t["user_attrs"]} for t in detail["trials"]}
+        for row in result["trials"]:
+            assert shown[row["trial"]]["pipeline"] == row["pipeline"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

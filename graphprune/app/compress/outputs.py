@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ...ir.cpu import cpu_description
 from ..search.front import feasible, pareto_front
-from ..search.report import _atomic_write, _pipeline, run_file_text
+from ..search.report import _atomic_write, describe_pipeline, run_file_text
 from .budget import format_seconds
 from .space import default_space, narrowed
 
@@ -54,7 +54,7 @@ def layers(graph) -> list[dict]:
 
 def _trial_row(trial, front: set, metric: str) -> dict:
     metrics = trial.user_attrs.get("metrics") or {}
-    return {"trial": trial.number, "state": trial.state.name, "pipeline": _pipeline(trial) if "steps" in trial.user_attrs else "",
+    return {"trial": trial.number, "state": trial.state.name, "pipeline": describe_pipeline(trial) if "steps" in trial.user_attrs else "",
             "validation": metrics.get(metric), "drop_points": metrics.get(f"{metric}_drop"), "latency_ratio": metrics.get("latency"),
             "speedup": round(1 / metrics["latency"], 3) if metrics.get("latency") else None, "feasible": feasible(trial) if metrics else False,
             "front": trial.number in front, "seconds": trial.user_attrs.get("seconds"), "repeat_of": trial.user_attrs.get("repeat_of"),

@@ -80,7 +80,8 @@ def _plot(job: SearchJob, study, path: Path) -> bool:
     return True
 
 
-def _pipeline(trial) -> str:
+def describe_pipeline(trial) -> str:
+    """One line: the trial's passes with their searched fields, its fine-tune and its export."""
     steps = " -> ".join(f"{n}({', '.join(f'{k}={v}' for k, v in c.items() if not isinstance(v, dict) and k not in HOUSEKEEPING)})"
                         for n, c in trial.user_attrs["steps"]) or "(no passes)"
     options, export = trial.user_attrs.get("finetune"), trial.user_attrs.get("export")
@@ -112,7 +113,7 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
         test_quality = graph.score(worker.reference, test) if isinstance(graph, Exported) else worker.reference.score(graph, test)
         run_path = out / "front" / f"trial_{trial.number}.toml"
         _atomic_write(run_path, run_file_text(job, trial, out / "front" / f"trial_{trial.number}"))
-        row = {"trial": trial.number, "pipeline": _pipeline(trial), "feasible": feasible(trial),
+        row = {"trial": trial.number, "pipeline": describe_pipeline(trial), "feasible": feasible(trial),
                **{f"val_{k}" if k in QUALITY else k: round(v, 4) for k, v in trial.user_attrs["metrics"].items() if k in wanted},
                f"test_{main}": round(test_quality[main], 4)}
         if "latency" in again:
