@@ -207,7 +207,7 @@ def _cmd_search(args) -> int:
     from .search import search
 
     search(args.job, storage=args.storage, workers=args.workers, trials=args.trials, report_front=not args.worker_only,
-           progress=not args.no_progress, worker_index=args.worker_index)
+           progress=not args.no_progress, worker_index=args.worker_index, stop_at=args.stop_at, trial_estimate=args.trial_estimate)
     return 0
 
 
@@ -227,8 +227,11 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo import run_compress_demo, run_demo
 
+    if args.compress:
+        result = run_compress_demo(args.cache, time=args.time, output=args.output)
+        return 0 if result["chosen"] is not None else 1
     run_demo(args.cache, recovery_steps=args.recovery_steps, eval_limit=args.eval_limit, stages=args.stages.split(","), output=args.output)
     return 0
 
@@ -270,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--trials", type=int, default=None, help="completed trials to reach (default: the job's [search] trials)")
     search.add_argument("--worker-only", action="store_true", help="run trials only; leave the report to another process")
     search.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    search.add_argument("--stop-at", type=float, default=None, help=argparse.SUPPRESS)  # compress --workers: its budget's deadline
+    search.add_argument("--trial-estimate", type=float, default=0.0, help=argparse.SUPPRESS)
     search.add_argument("--no-progress", action="store_true", help="no progress bar")
     search.set_defaults(fn=_cmd_search)
     comp = sub.add_parser("compress", help="the fastest artefact within a stated loss, in a time budget, with report.html")
@@ -294,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--recovery-steps", type=int, default=60)
     demo.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test snippets")
     demo.add_argument("--stages", default="kprune,deploy", help="comma-separated, of unstructured, kprune, deploy (default kprune,deploy)")
+    demo.add_argument("--compress", action="store_true", help="graphprune compress on the baseline instead, the pipeline above its first trial")
+    demo.add_argument("--time", default="5m", help="with --compress: its budget (default 5m)")
     demo.add_argument("--output", default="demo-artefacts", help="folder for the exported artefacts (default ./demo-artefacts)")
     demo.set_defaults(fn=_cmd_demo)
     return parser

@@ -46,6 +46,27 @@ COLUMNS = ["stage", "runtime", "accuracy", "params", "size_mb", "latency_ms", "s
 DEFAULT_OUTPUT = "demo-artefacts"
 
 
+# the fixed pipeline above as the compress run's first trial: K-prune 0.3, 60 distilled steps, int8, AOTInductor
+DEMO_TRIAL = {"structured_search.use": True, "structured_search.flops": 0.3, "wanda.use": False, "finetune.max_steps": 60,
+              "lower.activations": "static", "export.use": True, "export.format": "aoti"}
+DEMO_TIME = "5m"
+
+
+def run_compress_demo(cache=None, *, time: str = DEMO_TIME, output=DEFAULT_OUTPUT, progress: bool = True, log=print) -> dict:
+    """``graphprune demo``: ``graphprune compress`` on the cached baseline and Rotten Tomatoes, at most 1 point lost on
+    validation, in ``time``, the fixed pipeline enqueued as its first trial. The baseline is built first when it is
+    not cached (about 15 minutes, outside the budget: it is the model a user would bring)."""
+    from .compress.run import compress
+    from .compress.spec import make_spec
+
+    if not (baseline_path(cache) / "manifest.json").exists():
+        log(f"building the MiniLM baseline (cached at {baseline_path(cache)}; about 14 minutes on 2 cores)...")
+    load_baseline(cache, progress=progress)
+    model = {"checkpoint": str(baseline_path(cache))}
+    spec = make_spec(model, {"name": "rotten_tomatoes"}, max_drop=1.0, time=time, out=output, search={"enqueue": [DEMO_TRIAL]})
+    return compress(spec, progress=progress, log=log)
+
+
 def check_stages(stages) -> tuple[str, ...]:
     stages = tuple(stages)
     unknown = [s for s in stages if s not in STAGES]

@@ -13,7 +13,7 @@ import transformers as tf
 
 import graphprune
 from graphprune.app.cli import main
-from graphprune.app.compress.budget import AIM, HIGH, LOW, MIN_ROUNDS, Budget, parse_duration
+from graphprune.app.search.budget import AIM, HIGH, LOW, MIN_ROUNDS, Budget, parse_duration
 from graphprune.app.compress.choose import candidates, choose, speedups
 from graphprune.app.compress.spec import parse_max_drop, parse_runtimes, parse_shapes
 from graphprune.app.export import evaluate_artefact
@@ -169,7 +169,7 @@ runtimes = ["onnx", "torch"]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("compress")
-    path = _user_job(root)
+    path = _user_job(root, extra="workers = 2")
     result = graphprune.compress(path, progress=False, log=lambda *a: None)
     return root, path, result
 
@@ -182,6 +182,7 @@ def test_a_run_keeps_its_budget_and_writes_every_output(run):
     budget = result["budget"]
     assert budget["stopped"] in ("budget", "space") and (LOW <= budget["share"] <= HIGH or budget["stopped"] == "space"), budget
     assert result["trials"] and all(t["state"] in ("COMPLETE", "FAIL") for t in result["trials"])
+    assert len({t["worker"] for t in result["trials"]}) == 2  # --workers 2: this process and one more shared the study
 
 
 def test_the_chosen_artefact_scores_on_test_what_its_own_runtime_gives(run):
@@ -295,3 +296,45 @@ def test_optuna_dashboard_lists_the_study_with_each_trials_pipeline(run):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("task", ["text-classification", "token-classification", "question-answering", "feature-extraction"])
+@pytest.mark.parametrize("runtimes", ["onnx,aoti,torch", "torch", "onnx", "aoti,torch"])
+def test_the_default_space_is_a_valid_search_job_for_every_task_and_runtime_set(tmp_path, task, runtimes):
+    from graphprune.app.compress.outputs import search_job_text
+    from graphprune.app.compress.spec import make_spec
+    from graphprune.app.search.job import read_search_job, sample
+
+    spec = make_spec({"path": str(tmp_path / "model"), "task": task}, {"train": str(tmp_path / "train.csv")}, runtimes=runtimes, out=tmp_path / "out")
+    path = tmp_path / "job.toml"
+    path.write_text(search_job_text(spec, task, "f1", 1.0))
+    job = read_search_job(path)  # every pass config is built at each choice and range end here
+    formats = set()
+    rng = random.Random(0)
+    for _ in range(40):
+        steps, finetune, export = sample(job, optuna.trial.FixedTrial({p.name: rng.choice(p.values) if p.kind == "choice" else p.values[0]
+                                                                        for p in job.params}))
+        formats.add(export["format"] if export else "torch")
+        assert (export is None or export["format"] != "onnx") == ("lower" in [name for name, _ in steps])  # ONNX Runtime quantizes itself
+        assert export is None or export["format"] == "onnx" or "quantize" not in export
+    assert formats == set(runtimes.split(","))
+
+
+def test_a_stopped_run_resumes_its_study(tmp_path):
+    path = _user_job(tmp_path, time="5m")
+    first = graphprune.compress(path, trials=2, progress=False, log=lambda *a: None)
+    before = {t["trial"]: t["pipeline"] for t in first["trials"] if t["state"] == "COMPLETE"}
+    again = graphprune.compress(path, trials=3, progress=False, log=lambda *a: None)
+    after = {t["trial"]: t["pipeline"] for t in again["trials"] if t["state"] == "COMPLETE"}
+    assert first["budget"]["stopped"] == again["budget"]["stopped"] == "trials" and len(before) == 2 and len(after) == 3
+    assert {n: p for n, p in after.items() if n in before} == before  # the earlier trials kept, one more run
+    assert again["budget"]["share"] < LOW  # out of trials, not of time: it did not wait for the budget
+
+
+def test_a_mistake_in_the_narrowed_space_is_named_before_any_work(tmp_path, capsys):
+    path = _user_job(tmp_path)
+    path.write_text(path.read_text().replace('method = "kprune"', 'method = "kprune"\nflops_typo = 0.3'))
+    assert main(["compress", str(path), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "flops_typo" in err
+    assert not (tmp_path / "job_compressed").exists()

@@ -19,7 +19,7 @@ from pathlib import Path
 from ...ir.cpu import cpu_description
 from ..search.front import feasible, pareto_front
 from ..search.report import _atomic_write, describe_pipeline, run_file_text
-from .budget import format_seconds
+from ..search.budget import format_seconds
 from .space import default_space, narrowed
 
 MAX_TRIALS = 10_000  # a budgeted run without --trials stops on time, not on this
@@ -32,7 +32,7 @@ def search_job_text(spec, task: str, metric: str, limit: float) -> str:
     (b, n) = spec.shapes[0]
     search = {"trials": spec.trials or MAX_TRIALS, "sampler": spec.search.get("sampler", "tpe"), "seed": spec.search.get("seed", spec.seed),
               "objectives": [metric, "latency"], "constraints": {f"{metric}_drop": round(limit, 6)},
-              "latency": {"batch_size": b, "max_length": n, "iters": 10}, "study": spec.search.get("study", "compress"),
+              "latency": {"batch_size": b, "max_length": n, "iters": 10, "padded": True}, "study": spec.search.get("study", "compress"),
               "output": str(spec.out / "search")}
     if spec.storage:
         search["storage"] = spec.storage
@@ -57,7 +57,7 @@ def _trial_row(trial, front: set, metric: str) -> dict:
     return {"trial": trial.number, "state": trial.state.name, "pipeline": describe_pipeline(trial) if "steps" in trial.user_attrs else "",
             "validation": metrics.get(metric), "drop_points": metrics.get(f"{metric}_drop"), "latency_ratio": metrics.get("latency"),
             "speedup": round(1 / metrics["latency"], 3) if metrics.get("latency") else None, "feasible": feasible(trial) if metrics else False,
-            "front": trial.number in front, "seconds": trial.user_attrs.get("seconds"), "repeat_of": trial.user_attrs.get("repeat_of"),
+            "front": trial.number in front, "seconds": trial.user_attrs.get("seconds"), "repeat_of": trial.user_attrs.get("repeat_of"), "worker": trial.user_attrs.get("worker"),
             "steps": trial.user_attrs.get("steps"), "finetune": trial.user_attrs.get("finetune"), "export": trial.user_attrs.get("export"),
             "error": trial.user_attrs.get("error")}
 
@@ -129,21 +129,30 @@ def commands(out: Path, export: dict | None, spec) -> dict:
 
 
 def summary_text(result: dict) -> str:
-    chosen, dense, metric = result["chosen"], result["dense"], result["metric"]
-    budget = result["budget"]
-    lines = [f"compress: {len(result['trials'])} trials in {format_seconds(budget['elapsed'])} of {format_seconds(budget['seconds'])} "
-             f"({budget['share']:.2f} of the budget; stopped: {budget['stopped']})"]
+    """The table a terminal shows at the end: the dense references and the chosen artefact, side by side."""
+    from ...ir.summary import Summary
+
+    chosen, dense, metric, budget = result["chosen"], result["dense"], result["metric"], result["budget"]
+    head = (f"graphprune compress: {len(result['trials'])} trials in {format_seconds(budget['elapsed'])} of {format_seconds(budget['seconds'])} "
+            f"({budget['share']:.2f} of the budget; stopped by the {'budget' if budget['stopped'] == 'budget' else budget['stopped'] + ' limit'})")
     if chosen is None:
         closest = min((t for t in result["trials"] if t["drop_points"] is not None), key=lambda t: t["drop_points"], default=None)
-        lines.append(f"no trial kept within {result['max_drop']['points']:.2f} points of validation {metric}"
-                     + (f"; the closest lost {closest['drop_points']:.2f} (trial {closest['trial']})" if closest else ""))
-    else:
-        lines.append(f"chosen: trial {chosen['trial']}, {chosen['pipeline']} ({chosen['runtime']})")
-        lines.append(f"{metric}: dense validation {dense['validation']:.4f} test {dense['test']:.4f}; chosen validation {chosen['validation']:.4f} "
-                     f"test {chosen['test_artefact']:.4f} (artefact, {chosen['drop_test_points']:+.2f} points lost on test)")
-        for shape, ratios in chosen["speedups"].items():
-            lines.append(f"{shape}: {chosen['ms'][shape]:.2f} ms, " + ", ".join(f"{v:.2f}x {k}" for k, v in ratios.items()))
-        lines.append(f"artefact {chosen['artefact']} ({chosen['size_mb']} MB); report {Path(chosen['artefact']).parent / 'report.html'}")
+        return "\n".join([head, f"no trial kept within {result['max_drop']['points']:.2f} points of validation {metric}"
+                          + (f"; the closest lost {closest['drop_points']:.2f} (trial {closest['trial']})" if closest else "")])
+    eager = dense["ms"]["dense eager fp32"]
+    rows = [{"model": "dense", "runtime": name.removeprefix("dense "), f"val_{metric}": round(dense["validation"], 4) if name == "dense eager fp32" else None,
+             f"test_{metric}": round(dense["test"], 4) if name == "dense eager fp32" else None,
+             **{f"ms_{s}": round(ms[s], 2) for s in result["shapes"]}, **{f"x_{s}": round(eager[s] / ms[s], 2) for s in result["shapes"]}}
+            for name, ms in dense["ms"].items()]
+    rows.append({"model": f"trial {chosen['trial']}", "runtime": chosen["runtime"], f"val_{metric}": round(chosen["validation"], 4),
+                 f"test_{metric}": round(chosen["test_artefact"], 4), **{f"ms_{s}": round(chosen["ms"][s], 2) for s in result["shapes"]},
+                 **{f"x_{s}": chosen["speedups"][s]["vs_eager_fp32"] for s in result["shapes"]}})
+    table = Summary(title=f"{head}; x: speed-up over dense torch fp32 eager", columns=list(rows[0]), rows=rows, total_row=False)
+    lines = [str(table), f"chosen: {chosen['pipeline']}",
+             f"test {metric} {chosen['test_artefact']:.4f} in its runtime ({chosen['drop_test_points']:+.2f} points lost against dense); "
+             + "; ".join(f"{s}: {r['vs_ort_int8']:.2f}x dense ONNX Runtime int8, {r['vs_aoti_fp32']:.2f}x dense AOTInductor fp32"
+                         for s, r in chosen["speedups"].items()),
+             f"artefact: {chosen['artefact']} ({chosen['size_mb']} MB); report: {Path(chosen['artefact']).parent / 'report.html'}"]
     return "\n".join(lines)
 
 

@@ -14,23 +14,29 @@ runtime; write the output folder (``outputs.py``).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
+
+import torch
 
 from ...ir.graph import load
 from ...ir.runtime import RUNTIME
 from ..export import evaluate_artefact
 from ..job_inputs import load_inputs
-from ..search.job import read_search_job
+from ..search.job import read_search_job, sample
 from ..search.objectives import Exported, Reference
+from ..search.storage import storage_errors
 from ..search.study import Worker, open_storage, open_study, optuna
+from ...training.evaluate import main_metric
 from ..workflow import check_labels, shape_batch
-from .budget import Budget, format_seconds
-from .choose import REFERENCES, candidates, choose, prepare, speedups, time_side_by_side
+from ..search.budget import MIN_ROUNDS, Budget, format_seconds
+from .choose import CANDIDATES, REFERENCES, candidates, choose, prepare, speedups, time_side_by_side
 from .estimates import Estimates
 from .outputs import TrialBar, search_job_text, write_outputs
 from .spec import CompressSpec, data_argument, make_spec, model_argument, read_compress_job
@@ -87,12 +93,13 @@ class Compression:
         self.stopped, self.started = None, 0
 
     def run(self) -> dict:
-        with warnings.catch_warnings(), _no_tqdm_bars():
+        with warnings.catch_warnings():
             # Inductor's int8 lowering copies its zero points with torch.tensor(tensor) and warns on every compile
             warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning)
             self.setup()
-            self.search()
-            return self.finale()
+            with storage_errors(self.spec.storage):  # a server gone mid-run: one clear error, the trials kept there
+                self.search()
+                return self.finale()
 
     # --- before the trials: load, check the budget, measure the dense model -------------------------------------------
     def setup(self) -> None:
@@ -103,6 +110,7 @@ class Compression:
         check_labels(self.dense, validation)
         self.max_length = spec.data.get("max_length", 64)
         self.shapes = {f"{b}x{n}": shape_batch(validation, self.tokenizer, batch_size=b, length=n) for b, n in spec.shapes}
+        self.check_job(main_metric(self.dense, validation))  # a mistake in the user's narrowing, before any work
         self.estimates = Estimates.measure(self.dense, validation, self.splits["test"], self.tokenizer, self.max_length, self.shapes)
         budget.prior = self.estimates.trial()
         budget.check_fits(budget.elapsed() + self.estimates.setup(), budget.prior, self.estimates.finale(compiles="torch" in spec.runtimes), "compress")
@@ -123,6 +131,15 @@ class Compression:
         self.log(f"compress: {self.task}, {self.metric} on validation {dense_value:.4f} (dense), at most {self.limit:.2f} points lost; "
                  f"budget {format_seconds(budget.total)}, {format_seconds(budget.left())} left after setup")
 
+    def check_job(self, metric: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "search_job.toml"
+            path.write_text(search_job_text(self.spec, self.task, metric, 1.0))
+            try:
+                read_search_job(path)
+            except ValueError as error:  # named after the user's own file, where the narrowing came from
+                raise ValueError(str(error).replace(str(path), f"{self.spec.source or 'compress'}")) from None
+
     def export_references(self) -> dict:
         """The dense model as the peers a user would otherwise pick: ONNX Runtime int8 and AOTInductor fp32."""
         folder = self.spec.out / "dense_references"
@@ -138,15 +155,37 @@ class Compression:
 
     # --- the trials -----------------------------------------------------------------------------------------------------
     def search(self) -> None:
-        store = open_storage(self.job, self.spec.storage)
-        study = open_study(self.job, store)
+        with storage_errors(self.spec.storage, opening=True):
+            store = open_storage(self.job, self.spec.storage)
+            study = open_study(self.job, store)
         started = self.budget.elapsed()
-        with TrialBar(self.progress, self.budget, self.metric, self.limit) as bar:
-            bar.watch(study)
-            self.worker.work(study, store, progress=bar, log=self.log, may_start=self.may_start)
+        threads, others = torch.get_num_threads(), self.start_workers()
+        if others:  # the cores are shared among the workers while the trials run, as `search --workers` shares them
+            torch.set_num_threads(max(1, threads // self.spec.workers))
+        try:
+            with TrialBar(self.progress, self.budget, self.metric, self.limit) as bar:
+                bar.watch(study)
+                self.worker.work(study, store, progress=bar, log=self.log, may_start=self.may_start, fits=self.fits)
+        finally:
+            torch.set_num_threads(threads)
+            codes = [p.wait() for p in others]  # they start no trial past the same deadline
+        if any(codes):
+            self.log(f"compress: {sum(1 for c in codes if c)} of {len(others)} other workers exited with an error; their running trials are failed")
         self.stopped = self.stopped or "trials"
         self.study = study
         self.phases["trials"] = self.budget.elapsed() - started
+
+    def start_workers(self) -> list:
+        """``workers - 1`` more processes on this study (``graphprune search --worker-only``), stopping by the same deadline."""
+        if self.spec.workers == 1:
+            return []
+        stop_at = time.time() + self.budget.left() - self.budget.finale
+        command = [sys.executable, "-m", "graphprune", "search", str(self.job.path), "--worker-only", "--no-progress",
+                   "--stop-at", f"{stop_at:.1f}", "--trial-estimate", f"{self.budget.prior:.1f}"]
+        command += ["--storage", self.spec.storage] if self.spec.storage else []
+        command += ["--trials", str(self.spec.trials)] if self.spec.trials else []
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // self.spec.workers))}
+        return [subprocess.Popen(command + ["--worker-index", str(i)], env=env) for i in range(1, self.spec.workers)]
 
     def may_start(self, study) -> bool:
         trials = study.get_trials(deepcopy=False, states=(optuna().trial.TrialState.COMPLETE, optuna().trial.TrialState.FAIL))
@@ -154,7 +193,11 @@ class Compression:
         if len(recent) == REPEATS_IN_A_ROW and all("repeat_of" in t.user_attrs for t in recent):
             self.stopped = "space"
             return False
-        if self.started and not self.budget.may_start([t.user_attrs.get("seconds") for t in trials if "repeat_of" not in t.user_attrs]):
+        rebuild = self.rebuild_seconds(trials)  # the candidates another process ran are built again here for the timing
+        self.budget.finale += rebuild
+        fits = self.budget.may_start([t.user_attrs.get("seconds") for t in trials if "repeat_of" not in t.user_attrs])
+        self.budget.finale -= rebuild
+        if self.started and not fits:
             self.stopped = "budget"
             return False
         self.started += 1  # the first trial always runs: the budget was checked to hold one before any work
@@ -167,9 +210,9 @@ class Compression:
         chosen, timed, test = None, {}, {"dense": self.reference.score(self.dense, self.splits["test"])[self.metric]}
         picks = candidates(done)
         if picks:
-            models = dict(self.references)
-            for trial in picks:
-                models[f"trial {trial.number}"] = self.worker.kept.get(trial.number) or self.rebuild(trial)
+            ready = self.available(picks)
+            picks, models = [t for t, _ in ready], dict(self.references)
+            models.update({f"trial {t.number}": model for t, model in ready})
             # after the timing: the test scoring, twice; a torch graph is compiled again when its checkpoint is loaded
             compiles = any(not isinstance(m, Exported) and (m.meta.get(RUNTIME) or {}).get("compile")
                            for name, m in models.items() if name.startswith("trial"))
@@ -178,7 +221,9 @@ class Compression:
             time_side_by_side(calls, 1, warmup=1)  # first calls allocate and tune: not a round's cost
             began = time.perf_counter()
             time_side_by_side(calls, PROBE_ROUNDS, warmup=0)  # what a round takes here, now, with these models
-            rounds = self.budget.rounds((time.perf_counter() - began) / PROBE_ROUNDS, after=after)
+            rounds = MIN_ROUNDS  # the trials ran out before the time: no reason to wait for it
+            if self.stopped == "budget":  # the time left after the last trial that fitted goes to the timing
+                rounds = self.budget.rounds((time.perf_counter() - began) / PROBE_ROUNDS, after=after)
             timed = time_side_by_side(calls, rounds)
             name = choose(timed, [f"trial {t.number}" for t in picks])
             trial = next(t for t in picks if f"trial {t.number}" == name)
@@ -187,6 +232,40 @@ class Compression:
         self.phases["finale"] = self.budget.elapsed() - started
         result = write_outputs(self, done, picks, timed, chosen, test)
         return result
+
+    def fits(self, trial) -> bool:
+        """Whether this claimed trial, by its own recovery steps, ends before the finale must begin. Trials differ
+        most by their recovery (240 steps took 345 s where 60 took 160 on MiniLM): a trial costs a base plus its
+        steps, the base read off the finished trials and a step's cost estimated from the dense model."""
+        steps = _recovery_steps(sample(self.job, trial)[1])  # the values the trial will run with (Optuna keeps them)
+        done = [t for t in trial.study.get_trials(deepcopy=False, states=(optuna().trial.TrialState.COMPLETE,))
+                if "repeat_of" not in t.user_attrs and t.user_attrs.get("seconds")]
+        if not done:
+            return True  # the first trial: the budget was checked to hold one before any work
+        per_step = self.estimates.step_seconds((self.job.finetune or {}).get("batch_size", 32))
+        base = min(t.user_attrs["seconds"] - per_step * _recovery_steps(t.user_attrs.get("finetune")) for t in done)
+        need = self.budget.margin * (max(base, 0.0) + per_step * steps)
+        if self.budget.left() - self.budget.finale - self.rebuild_seconds(done) >= need:
+            return True
+        self.stopped = "budget"
+        return False
+
+    def rebuild_seconds(self, trials: list) -> float:
+        done = [t for t in trials if t.state == optuna().trial.TrialState.COMPLETE]
+        return sum(self.budget.margin * (t.user_attrs.get("seconds") or 0) for t in candidates(done) if t.number not in self.worker.kept)
+
+    def available(self, picks: list) -> list:
+        """The candidates this process holds, and those another process ran that can be built again in the time left
+        (at least the fastest: something is delivered)."""
+        out = []
+        for trial in picks:
+            if trial.number in self.worker.kept:
+                out.append((trial, self.worker.kept[trial.number]))
+            elif not out or self.budget.left() - self.budget.finale >= self.budget.margin * (trial.user_attrs.get("seconds") or 0):
+                out.append((trial, self.rebuild(trial)))
+            else:
+                self.log(f"compress: trial {trial.number} (another worker's) is not timed again: no time left to build it here")
+        return out
 
     def rebuild(self, trial):
         """A candidate another process ran (or an earlier run of a resumed study): built again from its pipeline."""
@@ -221,15 +300,6 @@ def _write(path: Path, text: str) -> None:
     _atomic_write(path, text)
 
 
-@contextlib.contextmanager
-def _no_tqdm_bars():
-    """The passes' own tqdm bars would break the run's progress line into pieces: off while it runs."""
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = before
+
+def _recovery_steps(options: dict | None) -> int:
+    return int((options or {}).get("max_steps") or 0)

@@ -31,7 +31,7 @@ from pathlib import Path
 from ...infra.pipeline import read_toml
 from ...training.data import DATASETS
 from ..job_inputs import DATA_FILES, MODEL_NAMES, check_data, check_model
-from .budget import parse_duration
+from ..search.budget import parse_duration
 from .space import RUNTIMES
 
 FIELDS = {"max_drop", "time", "trials", "shapes", "runtimes", "out", "storage", "workers", "seed"}
@@ -55,6 +55,7 @@ class CompressSpec:
     workers: int = 1
     seed: int = 0
     narrowing: dict = field(default_factory=dict)  # passes / finetune / export from a job file
+    source: Path | None = None                     # that job file
     search: dict = field(default_factory=dict)     # seed, sampler, enqueue, study
 
 
@@ -141,7 +142,7 @@ def _integer(where: str, value, low: int):
 
 
 def make_spec(model: dict, data: dict, *, max_drop=1.0, time="30m", trials=None, shapes=DEFAULT_SHAPES, runtimes=RUNTIMES,
-              out="compressed", storage=None, workers=1, seed=0, narrowing=None, search=None, where="compress") -> CompressSpec:
+              out="compressed", storage=None, workers=1, seed=0, narrowing=None, search=None, where="compress", source=None) -> CompressSpec:
     """Check every option, naming it; nothing is loaded or written here."""
     drop, relative = parse_max_drop(max_drop, f"{where}: max_drop")
     if storage is not None and (not isinstance(storage, str) or "://" not in storage):
@@ -151,7 +152,7 @@ def make_spec(model: dict, data: dict, *, max_drop=1.0, time="30m", trials=None,
         trials=_integer(f"{where}: trials", trials, 1), shapes=shapes if isinstance(shapes, tuple) and all(isinstance(s, tuple) for s in shapes)
         else parse_shapes(shapes, f"{where}: shapes"), runtimes=parse_runtimes(runtimes, f"{where}: runtimes"),
         out=Path(out).expanduser().resolve(), storage=storage, workers=_integer(f"{where}: workers", workers, 1),
-        seed=_integer(f"{where}: seed", seed, 0), narrowing=dict(narrowing or {}), search=dict(search or {}))
+        seed=_integer(f"{where}: seed", seed, 0), narrowing=dict(narrowing or {}), search=dict(search or {}), source=source)
 
 
 def read_compress_job(path, **overrides) -> CompressSpec:
@@ -176,4 +177,4 @@ def read_compress_job(path, **overrides) -> CompressSpec:
         options["out"] = _absolute(path.parent, f"{path.stem}_compressed")
     narrowing = {k: spec[k] for k in ("passes", "finetune", "export") if k in spec}
     return make_spec(_model_table(path, spec.get("model", {"name": "baseline"})), _data_table(path, spec.get("data", {"name": "rotten_tomatoes"})),
-                     narrowing=narrowing, search=search, where=str(path), **options)
+                     narrowing=narrowing, search=search, where=str(path), source=path, **options)

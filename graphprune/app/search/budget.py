@@ -1,4 +1,4 @@
-"""The time budget of ``graphprune compress``: wall-clock seconds from start to exit, everything included.
+"""A time budget for a search (``graphprune compress``'s): wall-clock seconds from start to exit, everything included.
 
 The run has three parts: the fixed work before the trials (loading, the dense model's
 measurements and exports), the trials, and the finale (timing the best candidates again,
@@ -88,3 +88,16 @@ def format_seconds(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60}m{seconds % 60:02d}s" if seconds % 60 else f"{seconds // 60}m"
     return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+
+
+def deadline_gate(stop_at: float, prior: float, clock=time.time):
+    """``may_start(study)`` for a worker process that must not start a trial it cannot end by ``stop_at`` (seconds since
+    the epoch, so that processes agree): a :class:`Budget` ending then, with no finale of its own."""
+    budget = Budget(max(0.0, stop_at - clock()), clock)
+    budget.prior = prior
+
+    def may_start(study) -> bool:
+        done = study.get_trials(deepcopy=False)
+        return budget.may_start([t.user_attrs.get("seconds") for t in done if "repeat_of" not in t.user_attrs])
+
+    return may_start

@@ -17,7 +17,8 @@
     constraints = { accuracy_drop = 1.0 }               # points of validation accuracy at most
     enqueue = [{ "structured_search.flops" = 0.3 }]     # optional: trials run first (a known pipeline,
                                  # a prior); the values they leave out are sampled
-    latency = { batch_size = 8, max_length = 128 }
+    latency = { batch_size = 8, max_length = 128 }   # real examples up to max_length tokens;
+                                 # padded = true: exactly batch_size x max_length, as graphprune compress times
 
     [[passes]]
     name = "structured_search"
@@ -36,8 +37,8 @@
     [export]                     # optional: trials measured as an artefact in its own runtime
     optional = true              # the search may keep the graph in torch instead
     format = "onnx"              # onnx | aoti | hf, as a run file's [[export]]
-    quantize = { choice = ["dynamic", "static"] }   # onnx only; ONNX Runtime quantizes the
-                                 # float graph, so a trial that exports to ONNX leaves out `lower`
+    quantize = { choice = ["dynamic", "static"] }   # onnx only (other formats ignore it); ONNX Runtime
+                                 # quantizes the float graph, so a trial that exports to ONNX leaves out `lower`
 
 A search value is a table with one of ``choice = [...]``, ``range = [lo, hi]`` (with an
 optional ``step``), ``int = [lo, hi]`` (optional ``step``) or ``log = [lo, hi]``; it may
@@ -226,9 +227,13 @@ def read_search_job(path) -> SearchJob:
     for key, bound in constraints.items():
         if isinstance(bound, bool) or not isinstance(bound, (int, float)) or not math.isfinite(bound) or bound < 0:
             raise ValueError(f"{path}: [search.constraints] {key} = {bound!r} is not allowed; expected a number >= 0 ({CONSTRAINTS[key]})")
-    latency = {**LATENCY_FIELDS, **_check_section(path, "search.latency", search.get("latency", {}), LATENCY_FIELDS)}
+    latency = {**LATENCY_FIELDS, **_check_section(path, "search.latency", search.get("latency", {}), set(LATENCY_FIELDS) | {"padded"})}
+    padded = latency.pop("padded", False)
+    if not isinstance(padded, bool):
+        raise ValueError(f"{path}: [search.latency] padded = {padded!r} is not allowed; expected true or false")
     for key, value in latency.items():
         _integer(path, f"[search.latency] {key}", value, 1)
+    latency["padded"] = padded
     sampler = search.get("sampler", "tpe")
     if sampler not in SAMPLERS:
         raise ValueError(f"{path}: [search] sampler = {sampler!r} is not allowed; expected one of {list(SAMPLERS)}")
@@ -295,12 +300,20 @@ def _read_export(path, spec: dict, params: list[Param]) -> dict | None:
                          "(each trial's artefact goes to a folder of the search's own)")
     found: list[Param] = []
     _collect(f"{path}: [export]", "export", table, found)
-    for values in _variants(found):
-        _check_export(path, {**fill(table, values, "export"), "path": "artefact"})
+    searched_format = _is_search_value(table.get("format"))
+    for values in _variants(found):  # quantize is dropped only for the other formats of a searched format
+        concrete = fill(table, values, "export")
+        _check_export(path, {**(_onnx_only(concrete) if searched_format else concrete), "path": "artefact"})
     if optional:
         found.append(Param("export.use", "choice", (True, False)))
     params += found
     return {**table, "optional": optional}
+
+
+def _onnx_only(export: dict) -> dict:
+    """``quantize`` is ONNX Runtime's: a searched format other than onnx leaves it out (AOTInductor packages the
+    ``lower``-ed graph, already int8 where the pipeline lowers it)."""
+    return export if export.get("format") == "onnx" else {k: v for k, v in export.items() if k != "quantize"}
 
 
 def _read_enqueue(path, entries, params: list[Param]) -> tuple:
@@ -356,7 +369,7 @@ def sample(job: SearchJob, trial) -> tuple[list[tuple[str, dict]], dict | None, 
         finetune = None
     export = None
     if job.export is not None and values.get("export.use", True):
-        export = fill({k: v for k, v in job.export.items() if k != "optional"}, values, "export")
+        export = _onnx_only(fill({k: v for k, v in job.export.items() if k != "optional"}, values, "export"))
         if export["format"] == "onnx":
             steps = [(name, config) for name, config in steps if name != "lower"]  # ONNX Runtime quantizes the float graph
     return steps, finetune, export

@@ -32,6 +32,8 @@ from ...training.finetune import finetune
 from .front import pareto_front
 from .job import SearchJob, sample
 from .objectives import METRICS, Exported, Reference, measure, needs_commit
+from .report import describe_pipeline
+from .storage import Heartbeat, engine_kwargs, storage_error
 
 HEARTBEAT_S, GRACE_S = 10, 30  # RDB heartbeats: a trial silent for GRACE_S seconds is failed
 
@@ -62,14 +64,15 @@ def _open_rdb(op, url: str, attempts: int = 6):
     """Optuna's RDBStorage creates its tables and stamps their version on first open, and two
     processes opening a new database at once (workers started together) can both try: the
     loser fails on a duplicate version row or a locked file. The winner's schema is then
-    there, so opening again succeeds."""
+    there, so opening again succeeds. The engine times out its connects and pre-pings
+    (:func:`graphprune.app.search.storage.engine_kwargs`): a server that is gone is an error, not a hang."""
     import random
 
     from sqlalchemy.exc import IntegrityError, OperationalError
 
     for attempt in range(attempts):
         try:
-            return op.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+            return op.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
         except (IntegrityError, OperationalError):
             if attempt == attempts - 1:
                 raise
@@ -223,6 +226,7 @@ class Worker:
         trial.set_user_attr("steps", [[name, config] for name, config in steps])
         trial.set_user_attr("finetune", options)
         trial.set_user_attr("export", export)
+        trial.set_user_attr("pipeline", describe_pipeline(trial))  # what optuna-dashboard shows of the trial
         earlier = self.same_pipeline(trial)
         if earlier is not None:  # samplers draw a pipeline again (TPE often does): its figures, not another build
             trial.set_user_attr("repeat_of", earlier.number)
@@ -257,13 +261,14 @@ class Worker:
             if isinstance(dropped, Exported):
                 shutil.rmtree(dropped.folder, ignore_errors=True)
 
-    def work(self, study, storage, *, progress=None, log=print, may_start=None) -> int:
+    def work(self, study, storage, *, progress=None, log=print, may_start=None, fits=None) -> int:
         """Claim and run trials until the study has ``trials`` completed or running; returns how many this worker ran.
 
         ``may_start(study)``, when given, is asked before each claim: False stops this worker
-        (a time budget that one more trial would overrun)."""
+        (a time budget that one more trial would overrun). ``fits(trial)`` is asked of the
+        claimed trial once its pipeline is known: False fails it unrun and stops this worker."""
         op = optuna()
-        from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled  # what study.optimize uses
+        from optuna.storages._heartbeat import is_heartbeat_enabled
 
         ran, host = 0, socket.gethostname()
         while True:
@@ -278,17 +283,28 @@ class Worker:
                 if is_heartbeat_enabled(storage):  # at once: a worker killed before its heartbeat thread starts is still found
                     storage.record_heartbeat(trial._trial_id)
                 trial.set_user_attr("worker", f"{host}:{os.getpid()}")
-            earlier = [t for t in busy if t.number < trial.number]
+            # read again after the claim: on an RDB (no shared lock) another worker may have claimed since `busy`
+            # was read, and Optuna numbers trials under a row lock, so every earlier claim is visible now
+            earlier = [t for t in study.get_trials(deepcopy=False, states=(op.trial.TrialState.COMPLETE, op.trial.TrialState.RUNNING))
+                       if t.number < trial.number]
             if len(earlier) >= self.job.trials:  # another machine claimed the last one meanwhile (RDB, no shared lock)
                 trial.set_user_attr("surplus", True)
                 study.tell(trial, state=op.trial.TrialState.FAIL)
                 return ran
-            with get_heartbeat_thread(trial._trial_id, storage):
+            if fits is not None and not fits(trial):  # this pipeline (its recovery steps) would not end in time
+                trial.set_user_attr("skipped", "would not end within the time budget")
+                study.tell(trial, state=op.trial.TrialState.FAIL)
+                return ran
+            # heartbeats as study.optimize records them; a trial that cannot record one for GRACE_S is interrupted
+            # (the other workers fail it then) and the search ends with StorageLost instead of running on blind
+            with Heartbeat(storage, trial._trial_id, HEARTBEAT_S, GRACE_S):
                 started = time.perf_counter()
                 try:
                     values, graph = self.objective(trial)
                     trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))  # what a time budget estimates from
                 except Exception as error:  # the trial fails, the search goes on
+                    if storage_error(error) is not None:  # not the trial's fault: the storage is gone (ends the search)
+                        raise
                     trial.set_user_attr("error", f"{type(error).__name__}: {str(error)[:300]}")
                     trial.set_user_attr("seconds", round(time.perf_counter() - started, 2))
                     study.tell(trial, state=op.trial.TrialState.FAIL)

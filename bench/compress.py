@@ -1,0 +1,213 @@
+"""``graphprune compress`` as a user runs it, on two models, and its artefact timed as it would be served.
+
+1. Rotten Tomatoes: the cached baseline, at most 1 point on validation, ``--time 30m`` (the
+   default space and shapes 8x128 and 1x64, all three runtimes).
+2. The hand-picked pipeline README's tables recommend (K-prune 0.3 with 2048 calibration
+   examples, the demo's 60 distilled steps, int8) in every runtime compress may pick: torch
+   (``lower``), AOTInductor int8, ONNX Runtime int8 dynamic and static; its fastest counts.
+3. Latency as served: the chosen artefact, the dense references (torch fp32 eager, AOTInductor
+   fp32, ONNX Runtime int8 dynamic) and the hand-picked artefacts, each in a process of its
+   own (``bench/served.py``), taking turns, at 8x128 and 1x64 (at least 300 calls at 1x64).
+   Beside them, compress's own one-process timings of the references; the share is kept only
+   where the two agree within 10%.
+4. BBC News with the same defaults: MiniLM fine-tuned on it first (cached, 2 epochs at batch
+   32, the baseline's recipe at 128 tokens), then ``graphprune compress`` on that checkpoint.
+
+Targets (test split; choices made on validation): on Rotten Tomatoes at most 1 point lost,
+at least 3x dense ONNX Runtime int8 and 2x dense AOTInductor fp32 at 8x128, 1.5x dense ONNX
+Runtime int8 at 1x64, 1.15x the hand-picked pipeline's fastest runtime; on BBC News at least
+2.5x dense ONNX Runtime int8 within 1 point; both runs within 0.85 to 1.10 of the budget.
+Writes ``bench/results/compress.json`` as it goes, both runs' ``report.html`` beside it
+(``compress_rt_report.html``, ``compress_bbc_report.html``) and ``compress.png``.
+
+Run: ``python bench/compress.py`` (about 75 minutes on 2 cores with the baseline cached: two
+30-minute budgets, the hand-picked pipeline, the served timing and the BBC fine-tune) or
+``--smoke`` (minutes: small data files, a 4-minute budget, a tiny space; meaningless numbers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import graphprune
+from graphprune.app.compress.run import compress
+from graphprune.app.compress.spec import make_spec
+from graphprune.app.workflow import shape_batch
+from graphprune.ir.errors import CheckpointError
+from graphprune.training.baseline import RECIPE, baseline_path, cache_dir, load_baseline
+from graphprune.training.calibration import CalibrationData
+from graphprune.training.data import load_dataset
+from graphprune.training.models import load_minilm, load_tokenizer
+from graphprune.ir.tracing import trace
+from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py
+from served import time_served  # bench/served.py
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SHAPES = {"8x128": (8, 128), "1x64": (1, 64)}
+CALLS = {"8x128": 60, "1x64": 300}
+HAND_PICKED = {"flops": 0.3, "num_samples": 2048, "steps": 60, "learning_rate": 5e-5}
+BBC_RECIPE = {**RECIPE, "max_length": 128}
+AGREE = 0.10
+# --smoke: the default space's shape with tiny calibration and recovery, so a trial takes seconds
+SMOKE_SPACE = {"passes": [{"name": "structured_search", "optional": True, "method": "kprune", "flops": {"choice": [0.3, 0.5]}, "num_samples": 64,
+                           "score_samples": 32, "reconstruct_samples": 64, "progress": False},
+                          {"name": "lower", "activations": {"choice": ["static", "dynamic"]}, "num_samples": 32}],
+               "finetune": {"distill": True, "max_steps": {"choice": [0, 2]}, "batch_size": 8}}
+
+
+def log(*args):
+    print(*args, flush=True)
+
+
+def bbc_model(cache: Path, recipe: dict) -> Path:
+    """MiniLM fine-tuned on BBC News (cached as a checkpoint), the model a BBC user would bring."""
+    folder = cache / "bbc_news_minilm"
+    try:
+        if graphprune.load(folder).meta.get("bbc", {}).get("recipe") == recipe:
+            return folder
+    except CheckpointError:
+        pass
+    splits = load_dataset("bbc_news")
+    model, tokenizer = load_minilm(num_labels=len(splits["train"].label_names))
+    graph = trace(model)
+    graph.source["tokenizer"] = "minilm"
+    config = graph.source.setdefault("config", {})
+    config["id2label"] = dict(enumerate(splits["train"].label_names))
+    started = time.perf_counter()
+    result = graphprune.finetune(graph, splits["train"], tokenizer, eval_data=splits["validation"], progress=False, **recipe)
+    graph.meta["bbc"] = {"recipe": recipe, "steps": result.steps, "validation": result.evaluations, "seconds": round(time.perf_counter() - started)}
+    graph.save(folder)
+    log(f"  fine-tuned MiniLM on BBC News: {result.steps} steps in {graph.meta['bbc']['seconds']} s, validation {result.evaluations[-1] if result.evaluations else '-'}")
+    return folder
+
+
+def hand_picked(base, splits, tokenizer, work: Path, smoke: bool) -> dict:
+    """K-prune 0.3 + the demo's recovery + int8, in each runtime compress may pick: name -> folder."""
+    options = {"method": "kprune", "flops": HAND_PICKED["flops"], "num_samples": 64 if smoke else HAND_PICKED["num_samples"], "progress": False}
+    calibration = CalibrationData(splits["train"], tokenizer)
+    graph, _ = graphprune.run_pass(base, "structured_search", options, data=calibration)
+    graphprune.finetune(graph, splits["train"], tokenizer, teacher=base, max_steps=2 if smoke else HAND_PICKED["steps"],
+                        learning_rate=HAND_PICKED["learning_rate"], warmup_ratio=0.1, progress=False)
+    lowered, _ = graphprune.run_pass(graph, "lower", {"precision": "int8"}, data=calibration)
+    folders = {"hand-picked torch int8": work / "hand_torch", "hand-picked aoti int8": work / "hand_aoti",
+               "hand-picked ort int8 dynamic": work / "hand_ort_dynamic", "hand-picked ort int8 static": work / "hand_ort_static"}
+    lowered.save(folders["hand-picked torch int8"])
+    lowered.export(folders["hand-picked aoti int8"], format="aoti", tokenizer=tokenizer)
+    graph.export(folders["hand-picked ort int8 dynamic"], format="onnx", quantize="dynamic", tokenizer=tokenizer)
+    graph.export(folders["hand-picked ort int8 static"], format="onnx", quantize="static", tokenizer=tokenizer, data=calibration)
+    return folders
+
+
+def served_rows(result: dict, out: Path, base_folder: Path, extra: dict, validation, tokenizer, work: Path, smoke: bool) -> dict:
+    """Each model in its own process, in turns, at each shape: ``{shape: {name: ms}}``."""
+    refs = out / "dense_references"
+    folders = {"chosen": out / "artefact", "dense eager fp32": base_folder, "dense aoti fp32": refs / "dense_aoti_fp32",
+               "dense ort int8": refs / "dense_ort_int8", **extra}
+    timed = {}
+    for shape, (batch, length) in SHAPES.items():
+        inputs = {k: v.numpy() for k, v in shape_batch(validation, tokenizer, batch_size=batch, length=length).items()}
+        calls = 6 if smoke else CALLS[shape]
+        timed[shape] = time_served(folders, inputs, calls, per_turn=3 if shape == "8x128" else 10, threads=torch.get_num_threads(), work=work)
+        log(f"  served at {shape}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in timed[shape].items()))
+    return timed
+
+
+def speedups(timed: dict, hand: list[str]) -> dict:
+    out = {}
+    for shape, ms in timed.items():
+        best_hand = min((ms[h] for h in hand), default=None)
+        out[shape] = {"chosen_ms": ms["chosen"], "vs_eager_fp32": ms["dense eager fp32"] / ms["chosen"],
+                      "vs_aoti_fp32": ms["dense aoti fp32"] / ms["chosen"], "vs_ort_int8": ms["dense ort int8"] / ms["chosen"],
+                      "vs_hand_picked": None if best_hand is None else best_hand / ms["chosen"]}
+    return out
+
+
+def shares(result: dict, timed: dict) -> list[dict]:
+    """compress's one-process timings of the dense references beside their served ones: kept where within AGREE."""
+    rows = []
+    for shape in timed:
+        for name in ("dense eager fp32", "dense aoti fp32", "dense ort int8"):
+            alone, shared = timed[shape][name], result["dense"]["ms"][name].get(shape)
+            rows.append({"shape": shape, "reference": name, "served_ms": alone, "one_process_ms": shared,
+                         "agree": shared is not None and abs(shared / alone - 1) <= AGREE})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="small data, a 4-minute budget, a tiny space (minutes; meaningless numbers)")
+    parser.add_argument("--time", default="30m", help="each compress run's budget (default 30m)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    machine = describe_machine()
+    log(machine_line(machine))
+    results_dir = Path(tempfile.mkdtemp(prefix="compress-smoke-")) if args.smoke else RESULTS
+    work = Path(tempfile.mkdtemp(prefix="compress-bench-"))
+    budget = "4m" if args.smoke else args.time
+    results = {"machine": machine, "budget": budget, "targets": {}, "runs": {}}
+    path = results_dir / "compress.json"
+    tokenizer = load_tokenizer("minilm")
+    base = load_baseline()
+    splits = load_dataset("rotten_tomatoes")
+    runs = {"rt": ({"checkpoint": str(baseline_path())}, {"name": "rotten_tomatoes"})}
+    for name, (model, data) in runs.items():
+        log(f"\ngraphprune compress {model} --data {data} --max-drop 1 --time {budget}")
+        spec = make_spec(model, data, max_drop=1.0, time=budget, out=work / f"compress_{name}", narrowing=SMOKE_SPACE if args.smoke else None)
+        result = compress(spec, progress=False, log=log)
+        shutil.copy(work / f"compress_{name}" / "report.html", results_dir / f"compress_{name}_report.html")
+        results["runs"][name] = {"compress": {k: v for k, v in result.items() if k != "trials"}, "trials": result["trials"]}
+        write_json(path, results)
+    log("\nhand-picked pipeline (K-prune 0.3 + 60 distilled steps + int8) in every runtime")
+    hand = hand_picked(base, splits, tokenizer, work, args.smoke)
+    base_folder = baseline_path()
+    rt = results["runs"]["rt"]
+    if rt["compress"]["chosen"] is not None:
+        timed = served_rows(rt["compress"], work / "compress_rt", base_folder, hand, splits["validation"], tokenizer, work, args.smoke)
+        rt["served_ms"], rt["speedups"], rt["shares"] = timed, speedups(timed, list(hand)), shares(rt["compress"], timed)
+        log(table(rt["shares"], ["shape", "reference", "served_ms", "one_process_ms", "agree"], 2))
+    write_json(path, results)
+    log("\nBBC News: MiniLM fine-tuned on it, then graphprune compress with the same defaults")
+    bbc = bbc_model(cache_dir(), {**BBC_RECIPE, "max_steps": 3, "batch_size": 8} if args.smoke else BBC_RECIPE)
+    spec = make_spec({"checkpoint": str(bbc)}, {"name": "bbc_news"}, max_drop=1.0, time=budget, out=work / "compress_bbc",
+                     narrowing=SMOKE_SPACE if args.smoke else None)
+    result = compress(spec, progress=False, log=log)
+    shutil.copy(work / "compress_bbc" / "report.html", results_dir / "compress_bbc_report.html")
+    results["runs"]["bbc"] = {"compress": {k: v for k, v in result.items() if k != "trials"}, "trials": result["trials"]}
+    if result["chosen"] is not None:
+        bbc_splits = load_dataset("bbc_news")
+        timed = served_rows(result, work / "compress_bbc", bbc, {}, bbc_splits["validation"], tokenizer, work, args.smoke)
+        results["runs"]["bbc"].update({"served_ms": timed, "speedups": speedups(timed, [])})
+    results["targets"] = targets(results)
+    results["seconds"] = round(time.perf_counter() - started)
+    write_json(path, results)
+    for key, target in results["targets"].items():
+        log(f"{key}: {target['value']} (target {target['target']}): {'met' if target['met'] else 'NOT met'}")
+    log(f"\n{path} ({results['seconds']} s)")
+
+
+def targets(results: dict) -> dict:
+    out = {}
+    for run, keys in (("rt", [("vs_ort_int8", "8x128", 3.0), ("vs_aoti_fp32", "8x128", 2.0), ("vs_ort_int8", "1x64", 1.5), ("vs_hand_picked", "8x128", 1.15)]),
+                      ("bbc", [("vs_ort_int8", "8x128", 2.5)])):
+        result = results["runs"].get(run, {})
+        chosen = (result.get("compress") or {}).get("chosen")
+        budget = (result.get("compress") or {}).get("budget", {})
+        out[f"{run}_budget_share"] = {"value": budget.get("share"), "target": "0.85 to 1.10",
+                                      "met": budget.get("share") is not None and 0.85 <= budget["share"] <= 1.10}
+        out[f"{run}_test_drop_points"] = {"value": chosen and chosen["drop_test_points"], "target": "<= 1", "met": bool(chosen) and chosen["drop_test_points"] <= 1}
+        for key, shape, target in keys:
+            speed = result.get("speedups") or {}
+            value = speed.get(shape, {}).get(key)
+            out[f"{run}_{key}_{shape}"] = {"value": None if value is None else round(value, 2), "target": target,
+                                           "met": value is not None and value >= target and bool(chosen) and chosen["drop_test_points"] <= 1}
+    return out
+
+
+if __name__ == "__main__":
+    main()
