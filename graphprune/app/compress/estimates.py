@@ -46,9 +46,10 @@ class Estimates:
         """The dense model's validation scoring and its two reference exports."""
         return self.validation * self.per_example + 2 * self.export_seconds
 
-    def trial(self, steps: int = TYPICAL_STEPS, batch: int = 32) -> float:
-        """K-prune, a recovery of ``steps``, int8, an export, the validation scoring and the latency measurement."""
-        kprune = KPRUNE_SAMPLES * KPRUNE_COST * self.per_example
+    def trial(self, steps: int = TYPICAL_STEPS, batch: int = 32, samples: int = KPRUNE_SAMPLES) -> float:
+        """K-prune on ``samples`` examples, a recovery of ``steps``, int8, an export, the validation scoring and the
+        latency measurement."""
+        kprune = samples * KPRUNE_COST * self.per_example
         recovery = steps * self.step_seconds(batch)
         lower = 128 * self.per_example + 10.0
         latency = 2 * 12 * next(iter(self.shape_ms.values())) / 1e3

@@ -37,7 +37,7 @@ from ...training.evaluate import main_metric
 from ..workflow import check_labels, shape_batch
 from ..search.budget import MIN_ROUNDS, Budget, format_seconds
 from .choose import CANDIDATES, REFERENCES, candidates, choose, prepare, speedups, time_side_by_side
-from .estimates import Estimates
+from .estimates import TYPICAL_STEPS, Estimates
 from .outputs import TrialBar, search_job_text, write_outputs
 from .spec import CompressSpec, data_argument, make_spec, model_argument, read_compress_job
 
@@ -110,9 +110,9 @@ class Compression:
         check_labels(self.dense, validation)
         self.max_length = spec.data.get("max_length", 64)
         self.shapes = {f"{b}x{n}": shape_batch(validation, self.tokenizer, batch_size=b, length=n) for b, n in spec.shapes}
-        self.check_job(main_metric(self.dense, validation))  # a mistake in the user's narrowing, before any work
+        job = self.check_job(main_metric(self.dense, validation))  # a mistake in the user's narrowing, before any work
         self.estimates = Estimates.measure(self.dense, validation, self.splits["test"], self.tokenizer, self.max_length, self.shapes)
-        budget.prior = self.estimates.trial()
+        budget.prior = self.estimates.trial(**_smallest_trial(job))
         budget.check_fits(budget.elapsed() + self.estimates.setup(), budget.prior, self.estimates.finale(compiles="torch" in spec.runtimes), "compress")
         self.reference = Reference(self.dense, validation, self.tokenizer, self.max_length, self.shapes[next(iter(self.shapes))], 10)
         self.metric = self.reference.main
@@ -136,7 +136,7 @@ class Compression:
             path = Path(tmp) / "search_job.toml"
             path.write_text(search_job_text(self.spec, self.task, metric, 1.0))
             try:
-                read_search_job(path)
+                return read_search_job(path)
             except ValueError as error:  # named after the user's own file, where the narrowing came from
                 raise ValueError(str(error).replace(str(path), f"{self.spec.source or 'compress'}")) from None
 
@@ -303,3 +303,16 @@ def _write(path: Path, text: str) -> None:
 
 def _recovery_steps(options: dict | None) -> int:
     return int((options or {}).get("max_steps") or 0)
+
+
+def _smallest_trial(job) -> dict:
+    """The K-prune calibration size and the fewest recovery steps (at most TYPICAL_STEPS) the job's space tries:
+    what the budget must hold one trial of."""
+    def least(value, default):
+        return min(value["choice"]) if isinstance(value, dict) and "choice" in value else \
+            min(value.get("range") or value.get("int") or [default]) if isinstance(value, dict) else value
+
+    kprune = next((config for _, name, config, _ in job.passes if name == "structured_search"), None)
+    samples = 0 if kprune is None else least(kprune.get("num_samples", 2048), 2048)
+    steps = least((job.finetune or {}).get("max_steps", 0), 0) if job.finetune is not None else 0
+    return {"samples": int(samples), "steps": int(min(steps, TYPICAL_STEPS)), "batch": int((job.finetune or {}).get("batch_size", 32))}
