@@ -116,6 +116,8 @@ if "search" in sys.argv:
 """
 
 
+@pytest.mark.skipif(os.environ.get("PYTEST_XDIST_WORKER") is not None,
+                    reason="beside the rest of make test on 2 cores the search exceeded 240 s twice (cause not found); .ci/run runs it alone")
 def test_a_postgres_server_stopped_mid_study_is_a_clear_error_and_the_study_resumes(tmp_path, checkpoint, postgres):
     url = postgres.database("stopped", password="hunter2")
     hook = tmp_path / "hook"
