@@ -9,7 +9,6 @@ import shutil
 import optuna
 import pytest
 import torch
-import transformers as tf
 
 import graphprune
 from graphprune.app.cli import main
@@ -19,8 +18,8 @@ from graphprune.app.compress.spec import parse_max_drop, parse_runtimes, parse_s
 from graphprune.app.export import evaluate_artefact
 from graphprune.training.user_data import load_data
 
-from ..models import TINY, sentiment_data, tiny_tokenizer
-from .test_user_jobs import write_csv
+from ..models import sentiment_data, tiny_tokenizer
+from .test_user_jobs import sentiment_folder, write_csv
 
 
 class FakeClock:
@@ -136,11 +135,7 @@ quantize = {{ choice = ["dynamic", "static"] }}
 
 
 def _user_job(root, time="90s", extra=""):
-    torch.manual_seed(0)
-    labels = ("neg", "pos")
-    config = tf.BertConfig(**TINY, num_labels=2, id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    tf.BertForSequenceClassification(config).eval().save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    sentiment_folder(root)  # the tiny classifier as a save_pretrained folder, root / "model"
     for split, seed, n in (("train", 0, 96), ("validation", 2, 32), ("test", 1, 32)):
         d = sentiment_data(n, seed=seed)
         write_csv(root / f"{split}.csv", [(t, d.label_names[y]) for t, y in zip(d.texts, d.labels)], ["review", "sentiment"])
