@@ -182,8 +182,8 @@ def test_a_run_keeps_its_budget_and_writes_every_output(run):
 
 def test_the_chosen_artefact_scores_on_test_what_its_own_runtime_gives(run):
     root, path, result = run
-    chosen = result["chosen"]
-    assert chosen is not None and chosen["trial"] in [c["trial"] for c in result["candidates"]]
+    chosen = result["chosen"]  # a trial timed again, or the dense ONNX Runtime int8 peer when it was faster and kept the limit
+    assert chosen is not None and chosen["trial"] in [c["trial"] for c in result["candidates"]] + [None]
     test = load_data("text-classification", train=str(root / "train.csv"), validation=str(root / "validation.csv"), test=str(root / "test.csv"),
                      columns={"text": "review", "label": "sentiment"}, model_label_names=("neg", "pos"), log=lambda *a: None).splits["test"]
     artefact = root / "job_compressed" / "artefact"
@@ -324,6 +324,25 @@ def test_a_stopped_run_resumes_its_study(tmp_path):
     assert first["budget"]["stopped"] == again["budget"]["stopped"] == "trials" and len(before) == 2 and len(after) == 3
     assert {n: p for n, p in after.items() if n in before} == before  # the earlier trials kept, one more run
     assert again["budget"]["share"] < LOW  # out of trials, not of time: it did not wait for the budget
+
+
+def test_when_no_trial_keeps_the_limit_the_dense_int8_peer_is_delivered(tmp_path, monkeypatch):
+    import graphprune.app.compress.run as compress_run
+
+    path = _user_job(tmp_path, time="5m")
+    monkeypatch.setattr(compress_run, "candidates", lambda done, *a: [])  # as if every trial lost more than the limit
+    result = graphprune.compress(path, trials=1, progress=False, log=lambda *a: None)
+    out, peer = tmp_path / "job_compressed", result["dense"]["ort_int8"]
+    assert peer["feasible"] and peer["drop_points"] <= 50
+    chosen = result["chosen"]
+    assert chosen["trial"] is None and chosen["pipeline"].startswith("the dense model") and chosen["validation"] == peer["validation"]
+    manifest = json.loads((out / "artefact" / "artefact.json").read_text())
+    assert manifest["artefact"] == "onnx" and manifest.get("quantize") == "dynamic", manifest
+    test = load_data("text-classification", train=str(tmp_path / "train.csv"), validation=str(tmp_path / "validation.csv"), test=str(tmp_path / "test.csv"),
+                     columns={"text": "review", "label": "sentiment"}, model_label_names=("neg", "pos"), log=lambda *a: None).splits["test"]
+    assert evaluate_artefact(out / "artefact", test, max_length=16, progress=False)["accuracy"] == pytest.approx(chosen["test_artefact"], abs=1e-9)
+    assert chosen["speedups"]["4x16"]["vs_ort_int8"] == 1.0  # it is the reference it is timed against
+    assert "dense model" in (out / "run.toml").read_text() and "dense model" in (out / "report.html").read_text()
 
 
 def test_a_mistake_in_the_narrowed_space_is_named_before_any_work(tmp_path, capsys):

@@ -75,21 +75,22 @@ def write_outputs(run, done: list, picks: list, timed: dict, chosen: dict | None
         "shapes": [f"{b}x{n}" for b, n in spec.shapes], "runtimes": list(spec.runtimes),
         "machine": cpu_description(),
         "dense": {"validation": run.reference.quality[metric], "test": test["dense"], "params": _params(run.dense),
-                  "ms": {name: timed.get(name, {}) for name in run.references}, "layers": dense_layers},
+                  "ms": {name: timed.get(name, {}) for name in run.references}, "layers": dense_layers,
+                  "ort_int8": {k: run.peer[k] for k in ("validation", "drop_points", "feasible")}},
         "candidates": [{"trial": t.number, "ms": timed.get(f"trial {t.number}", {})} for t in picks],
         "chosen": None, "trials": trials, "front": sorted(front),
         "budget": {"seconds": run.budget.total, "elapsed": round(run.budget.elapsed(), 1), "share": round(run.budget.elapsed() / run.budget.total, 3),
                    "phases": {k: round(v, 1) for k, v in run.phases.items()}, "stopped": run.stopped},
     }
     if chosen is not None:
-        trial = next(t for t in done if t.number == chosen["trial"])
-        row = next(r for r in trials if r["trial"] == trial.number)
+        trial = next((t for t in done if t.number == chosen["trial"]), None) or peer_trial(run.peer, metric)
+        row = next((r for r in trials if r["trial"] == trial.number), None) or {**_trial_row(trial, front, metric), "pipeline": PEER_PIPELINE}
         _atomic_write(out / "run.toml", run_file_text(run.job, trial, out / "reproduced"))
         graph = chosen["graph"]
         result["chosen"] = {
             **{k: row[k] for k in ("trial", "pipeline", "steps", "finetune", "export", "validation", "drop_points")},
             "runtime": runtime_name(row["export"]), "test_graph": test["graph"], "test_artefact": test["artefact"],
-            "drop_test_points": round(100 * (test["dense"] - test["artefact"]), 4), "ms": timed[f"trial {trial.number}"],
+            "drop_test_points": round(100 * (test["dense"] - test["artefact"]), 4), "ms": timed[chosen["name"]],
             "speedups": chosen["speedups"], "timing_rounds": chosen["timing_rounds"], "params": _params(graph),
             "size_mb": round(sum(f.stat().st_size for f in (out / "artefact").rglob("*") if f.is_file()) / 1e6, 2),
             "layers": layers(graph), "artefact": str(out / "artefact"),
@@ -101,6 +102,21 @@ def write_outputs(run, done: list, picks: list, timed: dict, chosen: dict | None
     write_report(out)
     run.log(summary_text(result))
     return result
+
+
+PEER_PIPELINE = "the dense model, exported to ONNX Runtime int8 (dynamic): no trial within the limit was faster"
+
+
+def peer_trial(peer: dict, metric: str):
+    """The dense ONNX Runtime int8 reference dressed as a trial (no passes, an int8 ONNX export), for the run file and
+    the report when it is the one delivered."""
+    from types import SimpleNamespace
+
+    from ..search.study import optuna
+
+    metrics = {metric: peer["validation"], f"{metric}_drop": peer["drop_points"]}
+    return SimpleNamespace(number=None, state=optuna().trial.TrialState.COMPLETE, constraints={},
+                           user_attrs={"steps": [], "finetune": None, "export": {"format": "onnx", "quantize": "dynamic"}, "metrics": metrics})
 
 
 def _params(graph) -> int:
@@ -144,7 +160,7 @@ def summary_text(result: dict) -> str:
              f"test_{metric}": round(dense["test"], 4) if name == "dense eager fp32" else None,
              **{f"ms_{s}": round(ms[s], 2) for s in result["shapes"]}, **{f"x_{s}": round(eager[s] / ms[s], 2) for s in result["shapes"]}}
             for name, ms in dense["ms"].items()]
-    rows.append({"model": f"trial {chosen['trial']}", "runtime": chosen["runtime"], f"val_{metric}": round(chosen["validation"], 4),
+    rows.append({"model": "chosen" if chosen["trial"] is None else f"trial {chosen['trial']}", "runtime": chosen["runtime"], f"val_{metric}": round(chosen["validation"], 4),
                  f"test_{metric}": round(chosen["test_artefact"], 4), **{f"ms_{s}": round(chosen["ms"][s], 2) for s in result["shapes"]},
                  **{f"x_{s}": chosen["speedups"][s]["vs_eager_fp32"] for s in result["shapes"]}})
     table = Summary(title=f"{head}; x: speed-up over dense torch fp32 eager", columns=list(rows[0]), rows=rows, total_row=False)

@@ -119,6 +119,7 @@ class Compression:
         dense_value = self.reference.quality[self.metric]
         self.limit = spec.max_drop * dense_value if spec.relative else spec.max_drop  # points
         self.references = self.export_references()
+        self.peer = self.score_peer(dense_value)
         spec.out.mkdir(parents=True, exist_ok=True)
         job_path = spec.out / "search_job.toml"
         _write(job_path, search_job_text(spec, self.task, self.metric, self.limit))
@@ -152,6 +153,14 @@ class Compression:
             made[name] = target
         self.estimates.export_seconds = (time.perf_counter() - started) / 2
         return made
+
+    def score_peer(self, dense_value: float) -> dict:
+        """The dense model in ONNX Runtime int8 on validation: the peer a user would otherwise pick is a candidate too,
+        delivered when it keeps the limit and no trial is faster, so the run never ends slower than it."""
+        exported = Exported(self.dense, self.references[REFERENCES[1]])
+        value = exported.score(self.reference)[self.metric]
+        drop = round(100 * (dense_value - value), 4)
+        return {"model": exported, "validation": value, "drop_points": drop, "feasible": drop <= self.limit}
 
     # --- the trials -----------------------------------------------------------------------------------------------------
     def search(self) -> None:
@@ -208,11 +217,11 @@ class Compression:
         started = self.budget.elapsed()
         done = self.study.get_trials(deepcopy=False, states=(optuna().trial.TrialState.COMPLETE,))
         chosen, timed, test = None, {}, {"dense": self.reference.score(self.dense, self.splits["test"])[self.metric]}
-        picks = candidates(done)
-        if picks:
-            ready = self.available(picks)
-            picks, models = [t for t, _ in ready], dict(self.references)
-            models.update({f"trial {t.number}": model for t, model in ready})
+        ready = self.available(candidates(done))
+        picks, models = [t for t, _ in ready], dict(self.references)
+        models.update({f"trial {t.number}": model for t, model in ready})
+        names = [f"trial {t.number}" for t in picks] + ([REFERENCES[1]] if self.peer["feasible"] else [])
+        if names:
             # after the timing: the test scoring, twice; a torch graph is compiled again when its checkpoint is loaded
             compiles = any(not isinstance(m, Exported) and (m.meta.get(RUNTIME) or {}).get("compile")
                            for name, m in models.items() if name.startswith("trial"))
@@ -225,9 +234,9 @@ class Compression:
             if self.stopped == "budget":  # the time left after the last trial that fitted goes to the timing
                 rounds = self.budget.rounds((time.perf_counter() - began) / PROBE_ROUNDS, after=after)
             timed = time_side_by_side(calls, rounds)
-            name = choose(timed, [f"trial {t.number}" for t in picks])
-            trial = next(t for t in picks if f"trial {t.number}" == name)
-            chosen = self.deliver(trial, models[name], timed, test)
+            name = choose(timed, names)
+            trial = next((t for t in picks if f"trial {t.number}" == name), None)  # None: the dense peer
+            chosen = self.deliver(trial, models[name] if trial else self.peer["model"], name, timed, test)
             chosen["timing_rounds"] = rounds
         self.phases["finale"] = self.budget.elapsed() - started
         result = write_outputs(self, done, picks, timed, chosen, test)
@@ -273,7 +282,7 @@ class Compression:
         return self.worker.build([tuple(s) for s in trial.user_attrs["steps"]], trial.user_attrs.get("finetune"), export,
                                  self.worker.artefact_folder(trial.number) if export else None)
 
-    def deliver(self, trial, model, timed: dict, test: dict) -> dict:
+    def deliver(self, trial, model, name: str, timed: dict, test: dict) -> dict:
         """Score the chosen trial's graph on test, write its artefact, evaluate the artefact in its own runtime on test."""
         target = self.spec.out / "artefact"
         tmp = target.with_name(".artefact.tmp")
@@ -291,7 +300,8 @@ class Compression:
         else:
             scores = self.reference.score(load(target), self.splits["test"])
         test["artefact"] = scores[self.metric]
-        return {"trial": trial.number, "graph": graph, "exported": isinstance(model, Exported), "speedups": speedups(timed, f"trial {trial.number}")}
+        return {"trial": trial.number if trial else None, "name": name, "graph": graph, "exported": isinstance(model, Exported),
+                "speedups": speedups(timed, name)}
 
 
 def _write(path: Path, text: str) -> None:

@@ -50,7 +50,8 @@ def run_file_text(job: SearchJob, trial, checkpoint: Path) -> str:
     spec["output"] = {"checkpoint": str(checkpoint.resolve())}
     if trial.user_attrs.get("export"):
         spec["export"] = [{"path": str(checkpoint.resolve()) + "_artefact", **trial.user_attrs["export"]}]
-    header = f"# search {job.study!r}, trial {trial.number}: validation {trial.user_attrs['metrics']}\n"
+    which = f"trial {trial.number}" if trial.number is not None else "the dense model"
+    header = f"# search {job.study!r}, {which}: validation {trial.user_attrs['metrics']}\n"
     return header + tomli_w.dumps(spec)
 
 
