@@ -9,8 +9,8 @@
     graphprune run pipeline.toml           model, data, passes, fine-tune, evaluation, output
     graphprune compress MODEL --data DATA  the fastest artefact within --max-drop points, in --time
     graphprune report DIR                  report.html for a compress or search output folder
-    graphprune demo                        the main job on the shipped model and data: compress,
-                                           recover, int8, export to ONNX Runtime and AOTInductor
+    graphprune demo                        the main job on the shipped model and data: compress in 5
+                                           minutes (--stages: the fixed pipeline, its two artefacts)
 
 Bad arguments and bad files give a one-line error and exit code 2.
 """
@@ -229,10 +229,12 @@ def _cmd_report(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_compress_demo, run_demo
 
-    if args.compress:
+    fixed = args.stages is not None or args.recovery_steps is not None or args.eval_limit is not None
+    if not fixed:
         result = run_compress_demo(args.cache, time=args.time, output=args.output)
         return 0 if result["chosen"] is not None else 1
-    run_demo(args.cache, recovery_steps=args.recovery_steps, eval_limit=args.eval_limit, stages=args.stages.split(","), output=args.output)
+    run_demo(args.cache, recovery_steps=60 if args.recovery_steps is None else args.recovery_steps, eval_limit=args.eval_limit,
+             stages=(args.stages or "kprune,deploy").split(","), output=args.output)
     return 0
 
 
@@ -296,11 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(fn=_cmd_report)
     demo = sub.add_parser("demo", help="the main job on the shipped model and data")
     demo.add_argument("--cache", default=None, help="cache folder for the baseline (default $GRAPHPRUNE_CACHE or ~/.cache/graphprune)")
-    demo.add_argument("--recovery-steps", type=int, default=60)
-    demo.add_argument("--eval-limit", type=int, default=None, help="evaluate on this many test snippets")
-    demo.add_argument("--stages", default="kprune,deploy", help="comma-separated, of unstructured, kprune, deploy (default kprune,deploy)")
-    demo.add_argument("--compress", action="store_true", help="graphprune compress on the baseline instead, the pipeline above its first trial")
-    demo.add_argument("--time", default="5m", help="with --compress: its budget (default 5m)")
+    demo.add_argument("--time", default="5m", help="the compress run's budget (default 5m)")
+    demo.add_argument("--stages", default=None, help="the fixed pipeline instead of compress: comma-separated, of unstructured, kprune, "
+                                                     "deploy (kprune,deploy when only --recovery-steps or --eval-limit is given)")
+    demo.add_argument("--recovery-steps", type=int, default=None, help="the fixed pipeline's recovery steps (default 60)")
+    demo.add_argument("--eval-limit", type=int, default=None, help="the fixed pipeline: evaluate on this many test snippets")
     demo.add_argument("--output", default="demo-artefacts", help="folder for the exported artefacts (default ./demo-artefacts)")
     demo.set_defaults(fn=_cmd_demo)
     return parser

@@ -48,3 +48,31 @@ def test_stages_are_checked():
     assert check_stages(["deploy", "kprune"]) == ("kprune", "deploy")
     with pytest.raises(ValueError, match=r"demo: stages \['prune'\] are not a selection of \['unstructured', 'kprune', 'deploy'\]"):
         check_stages(["prune"])
+
+
+def test_the_command_runs_compress_unless_the_fixed_pipeline_is_asked_for(monkeypatch, tmp_path):
+    import graphprune.app.demo as demo
+    from graphprune.app.cli import main
+
+    calls = []
+    monkeypatch.setattr(demo, "run_compress_demo", lambda cache, **kw: calls.append(("compress", kw)) or {"chosen": {}})
+    monkeypatch.setattr(demo, "run_demo", lambda cache, **kw: calls.append(("fixed", kw)))
+    assert main(["demo", "--output", str(tmp_path)]) == 0
+    assert main(["demo", "--time", "7m"]) == 0
+    assert main(["demo", "--stages", "unstructured,kprune"]) == 0
+    assert main(["demo", "--recovery-steps", "5"]) == 0
+    assert [c[0] for c in calls] == ["compress", "compress", "fixed", "fixed"]
+    assert calls[0][1]["output"] == str(tmp_path) and calls[1][1]["time"] == "7m"
+    assert calls[2][1]["stages"] == ["unstructured", "kprune"] and calls[2][1]["recovery_steps"] == 60
+    assert calls[3][1]["stages"] == ["kprune", "deploy"] and calls[3][1]["recovery_steps"] == 5
+
+
+def test_the_compress_demo_enqueues_a_pipeline_of_the_default_space(tmp_path):
+    from graphprune.app.compress.space import default_space
+    from graphprune.app.demo import DEMO_TRIAL
+
+    space = default_space("text-classification", ("onnx", "aoti", "torch"))
+    kprune, wanda, lower = space["passes"]
+    assert DEMO_TRIAL["structured_search.flops"] in kprune["flops"]["choice"] and "wanda.use" in DEMO_TRIAL and wanda["id"] == "wanda"
+    assert DEMO_TRIAL["finetune.max_steps"] in space["finetune"]["max_steps"]["choice"]
+    assert DEMO_TRIAL["lower.activations"] in lower["activations"]["choice"] and DEMO_TRIAL["export.format"] in space["export"]["format"]["choice"]
