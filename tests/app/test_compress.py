@@ -312,7 +312,56 @@ def test_the_default_space_is_a_valid_search_job_for_every_task_and_runtime_set(
         formats.add(export["format"] if export else "torch")
         assert (export is None or export["format"] != "onnx") == ("lower" in [name for name, _ in steps])  # ONNX Runtime quantizes itself
         assert export is None or export["format"] == "onnx" or "quantize" not in export
+        pruned = {name for name, _ in steps} & {"structured_search", "prune_weight"}
+        assert finetune is None or pruned  # a recovery only follows a pruning pass
     assert formats == set(runtimes.split(","))
+    # the enqueued first trials (the benchmarks' best pipelines) passed the job's own check above; they prune, recover and
+    # run in the first exported runtime asked for
+    assert len(job.enqueue) == 2
+    for params in job.enqueue:
+        steps, finetune, export = sample(job, optuna.trial.FixedTrial({**{p.name: p.values[0] for p in job.params}, **params}))
+        assert steps[0][0] == "structured_search" and finetune["max_steps"] in (120, 240)
+        assert (export or {}).get("format", "torch") == ("aoti" if "aoti" in runtimes else "onnx" if "onnx" in runtimes else "torch")
+
+
+def test_a_recovery_follows_only_the_passes_named_in_after(tmp_path):
+    from graphprune.app.search.job import read_search_job, sample
+
+    job_text = """
+[model]
+name = "baseline"
+[data]
+name = "rotten_tomatoes"
+[search]
+objectives = ["accuracy", "latency"]
+[[passes]]
+name = "remove_heads"
+optional = true
+fraction = 0.25
+[[passes]]
+name = "lower"
+[finetune]
+max_steps = 10
+after = {after}
+"""
+    path = tmp_path / "job.toml"
+    path.write_text(job_text.format(after='["remove_heads"]'))
+    job = read_search_job(path)
+    assert sample(job, optuna.trial.FixedTrial({"remove_heads.use": True}))[1] == {"max_steps": 10}
+    assert sample(job, optuna.trial.FixedTrial({"remove_heads.use": False}))[1] is None
+    for bad in ('["lower", "quantize"]', '[]', '"remove_heads"'):
+        path.write_text(job_text.format(after=bad))
+        with pytest.raises(ValueError, match=r"\[finetune\] after = .* is not allowed; expected a non-empty list of the job's pass ids \['remove_heads', 'lower'\]"):
+            read_search_job(path)
+
+
+def test_a_narrowed_space_keeps_the_recovery_after_the_users_own_pruning_passes():
+    from graphprune.app.compress.space import default_space, narrowed
+
+    space = default_space("text-classification", ("onnx",))
+    assert narrowed(space, {"passes": [{"name": "structured_search", "flops": 0.3}]})["finetune"]["after"] == ["structured_search"]
+    assert "after" not in narrowed(space, {"passes": [{"name": "lower"}]})["finetune"]
+    assert narrowed(space, {"passes": [], "finetune": {"max_steps": 5}})["finetune"] == {"max_steps": 5}
 
 
 def test_a_stopped_run_resumes_its_study(tmp_path):

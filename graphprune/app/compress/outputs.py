@@ -20,7 +20,7 @@ from ...ir.cpu import cpu_description
 from ..search.front import feasible, pareto_front
 from ..search.report import _atomic_write, describe_pipeline, run_file_text
 from ..search.budget import format_seconds
-from .space import default_space, narrowed
+from .space import default_space, first_trials, narrowed
 
 MAX_TRIALS = 10_000  # a budgeted run without --trials stops on time, not on this
 
@@ -38,6 +38,8 @@ def search_job_text(spec, task: str, metric: str, limit: float) -> str:
         search["storage"] = spec.storage
     if spec.search.get("enqueue"):
         search["enqueue"] = spec.search["enqueue"]
+    elif not spec.narrowing:  # the benchmarks' best pipelines first, where the space is the default one
+        search["enqueue"] = first_trials(spec.runtimes)
     space = narrowed(default_space(task, spec.runtimes), spec.narrowing)
     job = {"model": spec.model, "data": spec.data, "search": search, **space}
     return f"# graphprune compress: at most {limit:.4g} points of validation {metric} lost, fastest at {b}x{n}\n" + tomli_w.dumps(job)

@@ -33,6 +33,8 @@
     [finetune]                   # optional distilled recovery; max_steps = 0 skips it
     distill = true
     max_steps = { choice = [0, 50, 100] }
+    after = ["structured_search"]   # optional: only when the trial runs one of these passes (ids): a
+                                 # recovery with nothing removed would only cost time
 
     [export]                     # optional: trials measured as an artefact in its own runtime
     optional = true              # the search may keep the graph in torch instead
@@ -172,6 +174,7 @@ class SearchJob:
     output: Path
     cache_size: int
     enqueue: tuple = ()    # dicts of parameter values: trials run first
+    finetune_after: tuple = ()  # pass ids: the fine-tune runs only in a trial that runs one of them
 
 
 def _integer(path, where: str, value, low: int) -> int:
@@ -215,7 +218,7 @@ def read_search_job(path) -> SearchJob:
         _check_configs(where, name, table, ident, found)
         params += found
         entries.append((ident, name, table, optional))
-    finetune, distill = _read_finetune(path, spec, params)
+    finetune, distill, after = _read_finetune(path, spec, params, [e[0] for e in entries])
     export = _read_export(path, spec, params)
     orders = _read_orders(path, search.get("orders"), [e[0] for e in entries])
     if len(orders) > 1:
@@ -250,7 +253,7 @@ def read_search_job(path) -> SearchJob:
         objectives=tuple(objectives), constraints=dict(constraints), latency=latency, study=search.get("study", path.stem),
         storage=search.get("storage"), output=output if output.is_absolute() else path.parent / output,
         cache_size=_integer(path, "[search] cache_size", search.get("cache_size", 4), 0),
-        enqueue=_read_enqueue(path, search.get("enqueue", []), params),
+        enqueue=_read_enqueue(path, search.get("enqueue", []), params), finetune_after=after,
     )
 
 
@@ -269,11 +272,14 @@ def _check_configs(where: str, name, table: dict, ident: str, found: list[Param]
             raise ValueError(f"{where}: {str(error).removeprefix('pipeline step 1: ')}") from None
 
 
-def _read_finetune(path, spec: dict, params: list[Param]):
+def _read_finetune(path, spec: dict, params: list[Param], idents: list[str]):
     if "finetune" not in spec:
-        return None, False
+        return None, False, ()
     table = dict(spec["finetune"])
     distill = table.pop("distill", False)
+    after = table.pop("after", [])
+    if not isinstance(after, list) or not after and "after" in spec["finetune"] or not set(after) <= set(idents):
+        raise ValueError(f"{path}: [finetune] after = {after!r} is not allowed; expected a non-empty list of the job's pass ids {idents}")
     found: list[Param] = []
     _collect(f"{path}: [finetune]", "finetune", table, found)
     for values in _variants(found):
@@ -282,7 +288,7 @@ def _read_finetune(path, spec: dict, params: list[Param]):
             concrete.pop("max_steps")  # no fine-tune at all; the other fields are still checked
         check_finetune(path, {**concrete, "distill": distill})
     params += found
-    return table, distill
+    return table, distill, tuple(after)
 
 
 def _read_export(path, spec: dict, params: list[Param]) -> dict | None:
@@ -358,14 +364,15 @@ def sample(job: SearchJob, trial) -> tuple[list[tuple[str, dict]], dict | None, 
     values = {p.name: p.suggest(trial) for p in job.params}
     order = job.orders[values.get("order", 0)]
     by_id = {ident: (name, table, optional) for ident, name, table, optional in job.passes}
-    steps = []
+    steps, used = [], set()
     for ident in order:
         name, table, optional = by_id[ident]
         if optional and not values[f"{ident}.use"]:
             continue
         steps.append((name, fill(table, values, ident)))
+        used.add(ident)
     finetune = fill(job.finetune, values, "finetune") if job.finetune is not None else None
-    if finetune is not None and finetune.get("max_steps") == 0:
+    if finetune is not None and (finetune.get("max_steps") == 0 or job.finetune_after and not used & set(job.finetune_after)):
         finetune = None
     export = None
     if job.export is not None and values.get("export.use", True):
