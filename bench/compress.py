@@ -20,9 +20,10 @@ Runtime int8 at 1x64, 1.15x the hand-picked pipeline's fastest runtime; on BBC N
 Writes ``bench/results/compress.json`` as it goes, both runs' ``report.html`` beside it
 (``compress_rt_report.html``, ``compress_bbc_report.html``) and ``compress.png``.
 
-Run: ``python bench/compress.py`` (about 75 minutes on 2 cores with the baseline cached: two
-30-minute budgets, the hand-picked pipeline, the served timing and the BBC fine-tune) or
-``--smoke`` (minutes: small data files, a 4-minute budget, a tiny space; meaningless numbers).
+Run: ``python bench/compress.py`` (70 minutes on 2 cores with the baseline cached: two
+30-minute budgets, the hand-picked pipeline, the served timing and the BBC fine-tune),
+``--smoke`` (minutes: small data files, a 4-minute budget, a tiny space; meaningless numbers)
+or ``--plot`` (only ``compress.png`` again, from the JSON).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import load_dataset
 from graphprune.training.models import load_minilm, load_tokenizer
 from graphprune.ir.tracing import trace
-from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py
+from report import machine as describe_machine, machine_line, save_figure, table, write_json  # bench/report.py
 from served import time_served  # bench/served.py
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -143,7 +144,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="small data, a 4-minute budget, a tiny space (minutes; meaningless numbers)")
     parser.add_argument("--time", default="30m", help="each compress run's budget (default 30m)")
+    parser.add_argument("--plot", action="store_true", help="only draw compress.png again from bench/results/compress.json")
     args = parser.parse_args()
+    if args.plot:
+        plot(__import__("json").loads((RESULTS / "compress.json").read_text()), RESULTS / "compress.png")
+        return
     started = time.perf_counter()
     machine = describe_machine()
     log(machine_line(machine))
@@ -186,9 +191,42 @@ def main() -> None:
     results["targets"] = targets(results)
     results["seconds"] = round(time.perf_counter() - started)
     write_json(path, results)
+    plot(results, path.with_suffix(".png"))
     for key, target in results["targets"].items():
         log(f"{key}: {target['value']} (target {target['target']}): {'met' if target['met'] else 'NOT met'}")
     log(f"\n{path} ({results['seconds']} s)")
+
+
+def plot(results: dict, path: Path) -> None:
+    """Per run: every trial's validation drop against its speed-up in the search (the chosen one starred, the limit
+    dashed); and the served latencies of the chosen artefact beside the dense references and the hand-picked runtimes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [(name, run) for name, run in results["runs"].items() if run.get("trials")]
+    fig, axes = plt.subplots(2, len(runs), figsize=(6 * len(runs), 8), squeeze=False)
+    for column, (name, run) in enumerate(runs):
+        done = [t for t in run["trials"] if t["speedup"] and t["drop_points"] is not None and not t["repeat_of"]]
+        ax = axes[0][column]
+        ax.scatter([t["speedup"] for t in done], [t["drop_points"] for t in done], c=["tab:blue" if t["feasible"] else "tab:gray" for t in done])
+        chosen = run["compress"].get("chosen")
+        if chosen and chosen["trial"] is not None:
+            c = next(t for t in done if t["trial"] == chosen["trial"])
+            ax.scatter([c["speedup"]], [c["drop_points"]], marker="*", s=250, color="green", label="chosen", zorder=3)
+        ax.axhline(run["compress"]["max_drop"]["points"], ls="--", color="red", label="limit")
+        ax.set(xlabel="speed-up over dense eager in the search (8x128)", ylabel="validation points lost", title=f"{name}: every trial")
+        ax.legend()
+        ax = axes[1][column]
+        served = run.get("served_ms") or {}
+        for i, (shape, ms) in enumerate(served.items()):
+            names = list(ms)
+            ax.barh([f"{n} ({shape})" for n in names], [ms[n] for n in names], color=f"C{i}")
+        ax.set(xlabel="ms per call, each runtime served in its own process", title=f"{name}: served latency")
+        ax.set_xscale("log")
+    save_figure(fig, path)
+    plt.close(fig)
 
 
 def targets(results: dict) -> dict:
