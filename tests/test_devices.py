@@ -28,8 +28,8 @@ import graphprune
 from graphprune.ir.shapes import refresh_shapes
 from graphprune.training.calibration import CalibrationData, calibration_batches
 from graphprune.training.timing import compare_latency
-from passes.quantization.formats import tensor_range
-from passes.structured.costs import latency_table
+from graphprune.passes.quantization.formats import tensor_range
+from graphprune.passes.structured.costs import latency_table
 from tests.models import make_model, padded_inputs, sentiment_data, tiny_tokenizer, trace_once
 
 META = torch.device("meta")

@@ -1,8 +1,8 @@
 """The pass registry: built-in and user passes are registered the same way.
 
-Built-in passes live in the top-level ``passes`` package, which the core never
-imports by name: it is found through the ``graphprune.passes`` entry point group,
-as any third-party pass package would be.
+Built-in passes live in the ``graphprune.passes`` package (source folder
+``passes/``), which the core never imports by name: it is found through the
+``graphprune.passes`` entry point group, as any third-party pass package would be.
 """
 
 from __future__ import annotations

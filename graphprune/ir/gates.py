@@ -130,7 +130,7 @@ def gate_method(graph) -> GateMethod | None:
         return None
     method = _METHODS.get(record["method"])
     if method is None:
-        raise ValueError(f"the graph carries {record['method']!r} gates but no such gate method is registered (import passes)")
+        raise ValueError(f"the graph carries {record['method']!r} gates but no such gate method is registered (import graphprune.passes)")
     return method
 
 

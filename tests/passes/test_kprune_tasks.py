@@ -44,8 +44,8 @@ import transformers as tf
 
 import graphprune
 from graphprune.training.calibration import CalibrationData
-from passes.structured.blocks import attention_blocks, ffn_blocks
-from passes.structured.importance import l1_head_scores, l1_neuron_scores
+from graphprune.passes.structured.blocks import attention_blocks, ffn_blocks
+from graphprune.passes.structured.importance import l1_head_scores, l1_neuron_scores
 from tests.models import NER_TAGS, TINY, ner_data, qa_data, tiny_tokenizer
 
 SEEDS = (0, 1, 2)
@@ -147,7 +147,7 @@ def test_kprune_keeps_each_tasks_metric_and_stays_level_with_magnitude_removal(t
 
 
 def test_kprune_energy_leaves_padding_out_so_batching_does_not_change_scores():
-    from passes.structured.search_methods import _output_energy
+    from graphprune.passes.structured.search_methods import _output_energy
     from tests.models import make_model, trace_once
 
     graph = trace_once(make_model())

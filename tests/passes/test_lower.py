@@ -9,7 +9,7 @@ import graphprune
 from graphprune.ir import cpu
 from graphprune.ir.cpu import SCHEMES
 from graphprune.ir.fx_utils import fetch_attr
-from passes.quantization import lower as lower_module
+from graphprune.passes.quantization import lower as lower_module
 
 from ..models import make_model, padded_inputs, sentiment_data, tiny_tokenizer, trace_once, widened_model
 

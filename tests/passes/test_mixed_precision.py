@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import graphprune
-from passes.quantization.mixed_precision import allocate
+from graphprune.passes.quantization.mixed_precision import allocate
 from tests.models import make_model, padded_inputs, trace_once
 
 

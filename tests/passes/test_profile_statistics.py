@@ -13,8 +13,8 @@ from torch import nn
 import graphprune
 from graphprune.infra.config import ConfigError
 from graphprune.training.calibration import CalibrationData
-from passes.quantization.format_specs import quantizer
-from passes.quantization.quantizers import Quantizer
+from graphprune.passes.quantization.format_specs import quantizer
+from graphprune.passes.quantization.quantizers import Quantizer
 
 from ..models import make_model, max_diff, sentiment_data, tiny_tokenizer, trace_once, widened_model
 

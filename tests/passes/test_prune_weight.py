@@ -118,9 +118,9 @@ def _inputs_of(model, batches, module_path):
 
 
 def test_wanda_scores_equal_the_formula():
-    from passes.pruning import scores as scoring
-    from passes.pruning.targets import select_targets
-    from passes.pruning.prune_weight import WeightEntry
+    from graphprune.passes.pruning import scores as scoring
+    from graphprune.passes.pruning.targets import select_targets
+    from graphprune.passes.pruning.prune_weight import WeightEntry
 
     model = make_model()
     graph = trace_once(copy.deepcopy(model))
@@ -140,9 +140,9 @@ def test_wanda_scores_equal_the_formula():
 
 
 def test_taylor_scores_equal_the_formula():
-    from passes.pruning import scores as scoring
-    from passes.pruning.targets import select_targets
-    from passes.pruning.prune_weight import WeightEntry
+    from graphprune.passes.pruning import scores as scoring
+    from graphprune.passes.pruning.targets import select_targets
+    from graphprune.passes.pruning.prune_weight import WeightEntry
 
     model = make_model()
     graph = trace_once(copy.deepcopy(model))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from graphprune.infra.config import ConfigError
-from passes.quantization.format_specs import FORMATS, average_bits, quantizer
+from graphprune.passes.quantization.format_specs import FORMATS, average_bits, quantizer
 
 # ---- references ----------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from torch.nn.utils import parametrize
 
 import graphprune
 from graphprune.training.quant_noise import QuantNoise, weight_quantizers
-from passes.quantization.quantizers import Quantizer
+from graphprune.passes.quantization.quantizers import Quantizer
 
 from ..models import make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once
 

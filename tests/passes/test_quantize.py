@@ -14,7 +14,7 @@ import graphprune
 from graphprune.app.cli import main
 from graphprune.ir.masks import WeightMask, mask_of
 from graphprune.ir.modules import AttentionCore
-from passes.quantization.quantizers import QuantizedAttentionCore, Quantizer
+from graphprune.passes.quantization.quantizers import QuantizedAttentionCore, Quantizer
 
 from ..models import max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once, widened_model
 

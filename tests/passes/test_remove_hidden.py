@@ -8,7 +8,7 @@ from torch import nn
 
 import graphprune
 from graphprune.ir.gates import GATES
-from passes.structured.hidden import GatedLayerNorm
+from graphprune.passes.structured.hidden import GatedLayerNorm
 from tests.models import make_biased, make_model, max_diff, padded_inputs, trace_once
 
 HIDDEN = 32

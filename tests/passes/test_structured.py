@@ -10,8 +10,8 @@ from torch import nn
 
 import graphprune
 from graphprune.ir.masks import unmasked_weight
-from passes.structured.blocks import attention_blocks, ffn_blocks
-from passes.structured.selection import lowest_scores
+from graphprune.passes.structured.blocks import attention_blocks, ffn_blocks
+from graphprune.passes.structured.selection import lowest_scores
 from tests.models import make_model, max_diff, padded_inputs, trace_once
 
 FAMILIES = [
@@ -144,7 +144,7 @@ def test_similarity_criterion_removes_the_layer_closest_to_identity():
 
 
 def test_l1_head_scores_equal_the_weight_formula():
-    from passes.structured.importance import l1_head_scores
+    from graphprune.passes.structured.importance import l1_head_scores
 
     model, graph = traced()
     (block, _) = attention_blocks(graph, "test")
@@ -169,7 +169,7 @@ def _per_example_loss(model, inputs, labels, scale_columns):
 
 def test_mask_gradients_equal_finite_differences_per_example():
     """dL(x)/dmask of a head (neuron) = the derivative of scaling its output-projection (down) columns."""
-    from passes.structured.importance import mask_gradients
+    from graphprune.passes.structured.importance import mask_gradients
 
     model, graph = traced()
     model.double()

@@ -9,9 +9,9 @@ import torch
 import transformers as tf
 
 import graphprune
-import passes.structured.structured_search as search_module
-from passes.structured.costs import head_flops, neuron_flops
-from passes.structured.search_methods import Budget, rearrange, search_counts
+import graphprune.passes.structured.structured_search as search_module
+from graphprune.passes.structured.costs import head_flops, neuron_flops
+from graphprune.passes.structured.search_methods import Budget, rearrange, search_counts
 from tests.models import max_diff, padded_inputs, trace_once
 
 CONFIG = dict(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)

@@ -160,7 +160,7 @@ def test_feature_extraction_needs_a_teacher_to_finetune_and_then_follows_it():
 
 def exact_token_fisher(graph, batch, blocks):
     """sum over tokens and classes of p * (d log p / d head mask)^2, one backward pass per (token, class)."""
-    from passes.structured.importance import mask_gradients
+    from graphprune.passes.structured.importance import mask_gradients
 
     task = task_for(graph)
     with torch.no_grad():
@@ -178,8 +178,8 @@ def exact_token_fisher(graph, batch, blocks):
 
 
 def test_sampled_fisher_of_token_tags_matches_the_exact_sum():
-    from passes.structured.blocks import attention_blocks
-    from passes.structured.importance import mask_gradients
+    from graphprune.passes.structured.blocks import attention_blocks
+    from graphprune.passes.structured.importance import mask_gradients
 
     graph, tokenizer = token_graph(seed=1), tiny_tokenizer()
     task = task_for(graph)
