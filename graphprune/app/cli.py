@@ -43,6 +43,17 @@ def _fail(message: str) -> int:
 def _cmd_passes(args) -> int:
     from ..infra.registry import get_pass, list_passes
 
+    if args.markdown is not None:
+        from pathlib import Path
+
+        from .reference import passes_markdown
+        from .search.report import _atomic_write
+
+        if args.markdown == "-":
+            print(passes_markdown(), end="")
+        else:
+            _atomic_write(Path(args.markdown), passes_markdown())
+        return 0
     passes = list_passes()
     width = max(len(n) for n in passes)
     for name, description in passes.items():
@@ -54,7 +65,7 @@ def _cmd_info(args) -> int:
     from ..ir.graph import load
 
     graph = load(args.checkpoint)
-    print(graph.summary(seq_len=args.seq_len))
+    graph.summary(seq_len=args.seq_len).show()
     print(f"\nsource: {graph.source.get('model_class')}")
     for i, step in enumerate(graph.history, 1):
         print(f"pass {i}: {step['pass']} {step['config']}")
@@ -241,7 +252,10 @@ def _cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="graphprune", description="Compress BERT-family transformers with graph passes.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    sub.add_parser("passes", help="list registered passes").set_defaults(fn=_cmd_passes)
+    passes = sub.add_parser("passes", help="list registered passes")
+    passes.add_argument("--markdown", metavar="FILE", nargs="?", const="-", default=None,
+                        help="write the passes reference page (Markdown) to FILE, or print it")
+    passes.set_defaults(fn=_cmd_passes)
     info = sub.add_parser("info", help="summary of a checkpoint")
     info.add_argument("checkpoint")
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs")

@@ -59,9 +59,11 @@ def iterative_prune(
     """Prune ``graph`` (a copy) to ``target_sparsity`` in ``steps`` rounds of pruning and fine-tuning.
 
     Args:
-        pass_name, config: the pruning pass and its other fields; ``config_key`` (the
-            sparsity field) is set for each step.
-        train_data, tokenizer, collate_fn: the fine-tuning data (as for ``finetune``).
+        pass_name: the pruning pass; its field ``config_key`` (the sparsity) is set for each step.
+        config: the pass's other fields.
+        train_data: the fine-tuning data (as for ``finetune``).
+        tokenizer: tokenizes ``train_data`` and ``eval_data``.
+        collate_fn: batches already tokenised examples instead (as for ``finetune``).
         eval_data: scored after every pruning and every fine-tuning (as for ``evaluate``).
         teacher: distil from this graph (usually the dense one) while fine-tuning.
         data: calibration data for the pass (Wanda, SparseGPT...).

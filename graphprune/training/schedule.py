@@ -30,9 +30,12 @@ class GradualPruning:
 
     Args:
         pass_name: a registered pass that takes a sparsity field.
-        initial, final: sparsity at ``start_step`` and from ``end_step`` on.
-        start_step, end_step, every: when to prune (the pass runs at start_step,
-            every ``every`` steps after it, and at end_step).
+        initial: the sparsity at ``start_step``.
+        final: the sparsity from ``end_step`` on.
+        start_step: the first pruning step.
+        end_step: the last pruning step.
+        every: steps between prunings (the pass runs at start_step, every ``every``
+            steps after it, and at end_step).
         config_key: the pass's sparsity field name.
         config: other fields passed to the pass each time.
         data: calibration data for the pass (Wanda, SparseGPT...), if it takes any.

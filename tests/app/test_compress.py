@@ -248,7 +248,7 @@ def test_the_report_renders_in_headless_chromium_with_a_quiet_console_and_its_pl
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     shot = subprocess.run(common + [f"--screenshot={tmp_path / 'page.png'}", page.as_uri()], capture_output=True, text=True, timeout=180, env=env)
     console = [line for line in shot.stderr.splitlines() if "CONSOLE" in line or "Refused to" in line or "Uncaught" in line]
-    assert not console, console  # a script error or a blocked resource would be logged here
+    assert not console, console  # a script error or a resource that failed to load would be logged here
     pixels = matplotlib.image.imread(tmp_path / "page.png")[..., :3]
     blue = (abs(pixels - torch.tensor([31, 119, 180]).numpy() / 255).max(axis=-1) < 0.06).sum()
     assert blue > 200, "the plots' front markers and kept-unit bars (#1f77b4) are not drawn: the data: images did not render"

@@ -1,0 +1,166 @@
+"""The documentation is checked like code: its snippets run, its job files parse, its words are the product's.
+
+Every ```python block of README.md and of the pages under docs/ runs here, page by
+page in one namespace, in a fresh copy of a folder holding a tiny ``my-model`` and
+``train.csv`` / ``validation.csv`` / ``test.csv`` (tests/docs_workspace.py). A block
+that cannot run here says why on the line before it:
+``<!-- docs-test: skip (needs the shipped MiniLM and an hour) -->``; at most a quarter
+may. A block that only includes a file (``--8<-- "tutorials/..."``, the tutorials page)
+is that file, run by its own tests, so it is neither run nor counted here. Every ```toml block is read by the reader of the file it is (pipeline, job,
+search job or compress job). The site itself builds with ``mkdocs build --strict``
+in CI (``make docs``) and in the last test here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .docs_workspace import build_workspace
+
+ROOT = Path(__file__).resolve().parent.parent
+FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```\s*$", re.S | re.M)
+SKIP = re.compile(r"<!--\s*docs-test:\s*skip\s*\((.+?)\)\s*-->")
+
+
+@dataclass
+class Block:
+    page: str
+    line: int
+    language: str
+    code: str
+    skip: str | None  # the reason, when tagged
+
+
+INCLUDE = re.compile(r'^\s*--8<--\s+"[^"]+"\s*$')
+
+
+def pages() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def blocks(path: Path) -> list[Block]:
+    text = path.read_text()
+    found = []
+    for match in FENCE.finditer(text):
+        if all(INCLUDE.match(line) for line in match.group(2).strip().splitlines()):
+            continue
+        before = text[: match.start()].rstrip().rsplit("\n", 1)[-1]
+        reason = SKIP.search(before)
+        found.append(Block(str(path.relative_to(ROOT)), text.count("\n", 0, match.start()) + 1, match.group(1).lower(),
+                           match.group(2), reason.group(1) if reason else None))
+    return found
+
+
+def python_pages() -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in pages() if any(b.language == "python" and not b.skip for b in blocks(p))]
+
+
+@pytest.fixture(scope="module")
+def workspace_template(tmp_path_factory) -> Path:
+    return build_workspace(tmp_path_factory.mktemp("docs") / "template")
+
+
+@pytest.mark.parametrize("page", python_pages())
+def test_python_blocks_run(page, workspace_template, tmp_path, monkeypatch):
+    folder = tmp_path / "work"
+    shutil.copytree(workspace_template, folder)
+    monkeypatch.chdir(folder)
+    monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path / "cache"))  # nothing a snippet builds lands in the user's cache
+    namespace = {"__name__": "__docs__"}
+    for block in blocks(ROOT / page):
+        if block.language != "python" or block.skip:
+            continue
+        try:
+            exec(compile(block.code, f"{block.page}:{block.line}", "exec"), namespace)
+        except Exception as error:
+            pytest.fail(f"{block.page} line {block.line}: {type(error).__name__}: {error}\n\n{block.code}")
+
+
+def test_at_most_a_quarter_of_python_blocks_are_skipped():
+    python = [b for p in pages() for b in blocks(p) if b.language == "python"]
+    skipped = [f"{b.page}:{b.line} ({b.skip})" for b in python if b.skip]
+    assert python, "no Python blocks found"
+    assert len(skipped) <= len(python) / 4, f"{len(skipped)} of {len(python)} Python blocks are skipped: {skipped}"
+
+
+def read_toml_block(path: Path):
+    """The reader for the kind of file the block is, chosen by its tables."""
+    import tomllib
+
+    from graphprune.app.compress.spec import read_compress_job
+    from graphprune.app.run_file import read_job
+    from graphprune.app.search.job import read_search_job
+    from graphprune.infra.pipeline import load_steps, resolve_steps
+
+    tables = set(tomllib.loads(path.read_text()))
+    if "compress" in tables:
+        return read_compress_job(path)
+    if "search" in tables or "enqueue" in tables:
+        return read_search_job(path)
+    if tables <= {"passes"}:
+        return resolve_steps(load_steps(path))
+    return read_job(path)
+
+
+def toml_blocks() -> list[Block]:
+    return [b for p in pages() for b in blocks(p) if b.language == "toml" and not b.skip]
+
+
+@pytest.mark.parametrize("block", toml_blocks(), ids=lambda b: f"{b.page}:{b.line}")
+def test_toml_blocks_pass_their_reader(block, workspace_template, tmp_path, monkeypatch):
+    folder = tmp_path / "work"
+    shutil.copytree(workspace_template, folder)
+    monkeypatch.chdir(folder)
+    path = folder / "job.toml"
+    path.write_text(block.code)
+    try:
+        read_toml_block(path)
+    except Exception as error:
+        pytest.fail(f"{block.page} line {block.line}: {type(error).__name__}: {error}\n\n{block.code}")
+
+
+# Work-item words: the code and the docs speak of the product, not of the work that made it.
+# "issue N" stays when it names an upstream project's tracker (onnxruntime issue 25890).
+WORK_ITEM = re.compile(r"\bissues?\s+#?\d+|\bthe issue\b|\bblocked\b|\bwork items?\b", re.I)
+UPSTREAM = re.compile(r"(onnxruntime|pytorch|torch|transformers|optuna|torchao|onnx|accelerate|huggingface|mkdocs|datasets|github\.com\S*)\S*\s*(issue|#)", re.I)
+SCANNED = ["graphprune", "passes", "bench", "tutorials", "tests", "docs", "README.md", "Makefile", ".ci/run", "mkdocs.yml", "pyproject.toml"]
+SUFFIXES = {".py", ".md", ".toml", ".yml", ".txt", ""}
+
+
+def scanned_files() -> list[Path]:
+    files = []
+    for entry in SCANNED:
+        path = ROOT / entry
+        found = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES]
+        files += [p for p in found if "__pycache__" not in p.parts and p != Path(__file__)]
+    return files
+
+
+def work_item_words(text: str) -> list[str]:
+    hits = []
+    for number, line in enumerate(text.splitlines(), 1):
+        for match in WORK_ITEM.finditer(line):
+            if UPSTREAM.search(line[max(0, match.start() - 40): match.end()]):
+                continue
+            hits.append(f"{number}: {line.strip()[:120]}")
+    return hits
+
+
+def test_the_work_item_check_tells_upstream_references_apart():
+    assert work_item_words("see onnxruntime issue 25890 for the fix") == []
+    assert work_item_words("a known torch issue #12345") == []
+    assert len(work_item_words("Learned compression (issue 19 is blocked on one target)")) == 2
+    assert len(work_item_words("the issue's targets")) == 1
+
+
+def test_no_work_item_words():
+    found = {str(p.relative_to(ROOT)): hits for p in scanned_files() if (hits := work_item_words(p.read_text(errors="replace")))}
+    assert found == {}
