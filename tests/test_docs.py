@@ -164,3 +164,48 @@ def test_the_work_item_check_tells_upstream_references_apart():
 def test_no_work_item_words():
     found = {str(p.relative_to(ROOT)): hits for p in scanned_files() if (hits := work_item_words(p.read_text(errors="replace")))}
     assert found == {}
+
+
+def test_passes_reference_matches_the_registry():
+    """Every registered pass has its section with every field, and the page is as the registry writes it now."""
+    import dataclasses
+
+    import graphprune
+    from graphprune.app.reference import passes_markdown
+
+    page = (ROOT / "docs" / "reference" / "passes.md").read_text()
+    sections = dict(re.findall(r"^## (\w+)\n(.*?)(?=^## |\Z)", page, re.S | re.M))
+    assert sorted(sections) == sorted(graphprune.list_passes())
+    for name, section in sections.items():
+        config = graphprune.get_pass(name).config_cls
+        fields = [f.name for f in dataclasses.fields(config) if not f.name.startswith("_")] if config else []
+        assert re.findall(r"^\| `(\w+)` \|", section, re.M) == fields, name
+    assert page == passes_markdown(), "docs/reference/passes.md is stale: run make docs (graphprune passes --markdown ...)"
+
+
+def test_passes_reference_names_a_users_own_pass(tmp_path):
+    """The page is written from whatever is registered: a pass registered now appears with its fields."""
+    from dataclasses import dataclass
+
+    import graphprune
+    from graphprune.app.cli import main
+
+    @dataclass(frozen=True)
+    class ShrinkConfig:
+        factor: float = 0.5
+        label: str = "x"
+
+    @graphprune.register_pass("docs_check_shrink", config=ShrinkConfig)
+    def shrink(graph, config):
+        """Shrink nothing: a pass for the reference page's test."""
+        return graph, {}
+
+    try:
+        assert main(["passes", "--markdown", str(tmp_path / "passes.md")]) == 0
+    finally:
+        graphprune.unregister_pass("docs_check_shrink")
+    page = (tmp_path / "passes.md").read_text()
+    section = page.split("## docs_check_shrink\n", 1)[1].split("\n## ", 1)[0]
+    assert "Shrink nothing: a pass for the reference page's test." in section
+    assert "| `factor` | `float` | `0.5` |" in section and "| `label` | `str` | `'x'` |" in section
+    assert 'name = "docs_check_shrink"\nfactor = 0.5\nlabel = "x"' in section
