@@ -173,7 +173,7 @@ def run_demo(
         f"{batch[0]} x {batch[1]} tokens, {time.perf_counter() - start:.0f} s",
         columns=COLUMNS, rows=rows, total_row=False,
     )
-    log(str(table))
+    table.show(log=log)
     if "deploy" in stages:
         log(f"artefacts (each runs without graphprune: python {Path(output) / '<artefact>' / 'predict.py'} <folder> \"some text\"): {Path(output).resolve()}")
     return table

@@ -202,7 +202,7 @@ def run_file(path, *, log=print) -> Summary:
             train_data=splits["train"], tokenizer=tokenizer, eval_data=data, teacher=teacher, data=calibration, log=log, **options,
         )
         graph = result.graph
-        log(str(result.table))
+        result.table.show(log=log)
         rows.append(stage_row(f"after iterative pruning ({spec['steps']} steps)", graph, dense, data, tokenizer, inputs, max_length=max_length))
     elif job["finetune"] is not None:
         graph = graph.copy() if graph is dense else graph
@@ -217,7 +217,7 @@ def run_file(path, *, log=print) -> Summary:
         graph.save(job["output"])
         log(f"saved {job['output']}")
     table = results_table(f"graphprune run {path}: {data.name}", rows)
-    log(str(table))
+    table.show(log=log)
     for entry in job["exports"]:
         _export(graph, entry, calibration, data, tokenizer, max_length, log, dense)
     return table

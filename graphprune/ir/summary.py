@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from dataclasses import dataclass, field
@@ -27,6 +29,15 @@ class Summary:
 
     ``rows`` is a list of dicts with the keys in ``columns``; ``totals`` holds the
     whole-graph figures. Later passes add columns (sparsity, quantization).
+
+    ``summary.show()`` prints a ``rich`` table on a terminal and the plain text
+    elsewhere (pipes, log files); ``rich.print(summary)`` renders the rich table.
+    The plain text never cuts or wraps a cell, so a log keeps every figure.
+
+    Example:
+        >>> summary = graph.summary(seq_len=128)
+        >>> summary.show()                   # rich on a terminal, plain text in a log
+        >>> summary.show(log=lines.append)   # a callback always gets the plain text
     """
 
     title: str
@@ -48,6 +59,55 @@ class Summary:
         else:
             body = [render(self.columns), line] + [render(r) for r in cells]
         return "\n".join([self.title] + body)
+
+    def __rich__(self):
+        """The table as a ``rich.table.Table``: the same columns and cells as ``str(summary)``."""
+        return self._rich_table(title=True)
+
+    def _rich_table(self, *, title: bool):
+        # Imported here: rich is only needed when a table is drawn, and a plain
+        # ``import graphprune`` should not pay for it.
+        from rich.box import Box
+        from rich.table import Table
+        from rich.text import Text
+
+        # Rules under the header and above the total only, and cells two spaces
+        # apart: as wide as the plain text, so a terminal that fits one fits both.
+        rules = Box("    \n    \n ━━ \n    \n ── \n    \n    \n    \n")
+        # Text, not str: a cell such as "prune_weight[0.5]" or a title with brackets
+        # must print as written, not be read as rich markup.
+        table = Table(title=Text(self.title) if title else None, title_justify="left", header_style="bold", box=rules,
+                      show_edge=False, pad_edge=False, collapse_padding=True)
+        for i, column in enumerate(self.columns):
+            # fold, not rich's default ellipsis: on a narrow terminal a cell breaks
+            # onto more lines but keeps every character.
+            table.add_column(Text(column), justify="right" if i else "left", overflow="fold")
+        cells = [[_fmt(row.get(c)) for c in self.columns] for row in self.rows]
+        for k, values in enumerate(cells):
+            total = self.total_row and k == len(cells) - 1
+            table.add_row(*map(Text, values), style="bold" if total else None,
+                          end_section=self.total_row and k == len(cells) - 2)
+        return table
+
+    def show(self, log: Callable[[str], object] = print) -> None:
+        """Print the table: with rich when ``log`` is ``print`` and stdout is a terminal, else ``log(str(self))``.
+
+        A ``log`` other than ``print`` (a callback collecting lines, a logger) always
+        gets the plain text, which a file or a test can read back.
+        """
+        stream = sys.stdout
+        isatty = getattr(stream, "isatty", None)
+        if log is print and isatty is not None and isatty():
+            from rich.console import Console
+            from rich.text import Text
+
+            console = Console(file=stream)
+            # The title on a line of its own: a table's title wraps at the table's
+            # width, and a narrow table under a long title would break it into many lines.
+            console.print(Text(self.title, style="bold"))
+            console.print(self._rich_table(title=False))
+        else:
+            log(str(self))
 
     def _repr_pretty_(self, printer, cycle):  # IPython
         printer.text(str(self))

@@ -102,7 +102,7 @@ def write_outputs(run, done: list, picks: list, timed: dict, chosen: dict | None
     from .html import write_report
 
     write_report(out)
-    run.log(summary_text(result))
+    show_summary(result, run.log)
     return result
 
 
@@ -146,8 +146,9 @@ def commands(out: Path, export: dict | None, spec) -> dict:
     return run
 
 
-def summary_text(result: dict) -> str:
-    """The table a terminal shows at the end: the dense references and the chosen artefact, side by side."""
+def show_summary(result: dict, log=print) -> None:
+    """The table a terminal shows at the end (rich there, plain text through any other ``log``): the dense references
+    and the chosen artefact, side by side, then the chosen pipeline and its files."""
     from ...ir.summary import Summary
 
     chosen, dense, metric, budget = result["chosen"], result["dense"], result["metric"], result["budget"]
@@ -155,8 +156,9 @@ def summary_text(result: dict) -> str:
             f"({budget['share']:.2f} of the budget; stopped by the {'budget' if budget['stopped'] == 'budget' else budget['stopped'] + ' limit'})")
     if chosen is None:
         closest = min((t for t in result["trials"] if t["drop_points"] is not None), key=lambda t: t["drop_points"], default=None)
-        return "\n".join([head, f"no trial kept within {result['max_drop']['points']:.2f} points of validation {metric}"
-                          + (f"; the closest lost {closest['drop_points']:.2f} (trial {closest['trial']})" if closest else "")])
+        log("\n".join([head, f"no trial kept within {result['max_drop']['points']:.2f} points of validation {metric}"
+                       + (f"; the closest lost {closest['drop_points']:.2f} (trial {closest['trial']})" if closest else "")]))
+        return
     eager = dense["ms"]["dense eager fp32"]
     rows = [{"model": "dense", "runtime": name.removeprefix("dense "), f"val_{metric}": round(dense["validation"], 4) if name == "dense eager fp32" else None,
              f"test_{metric}": round(dense["test"], 4) if name == "dense eager fp32" else None,
@@ -166,12 +168,13 @@ def summary_text(result: dict) -> str:
                  f"test_{metric}": round(chosen["test_artefact"], 4), **{f"ms_{s}": round(chosen["ms"][s], 2) for s in result["shapes"]},
                  **{f"x_{s}": chosen["speedups"][s]["vs_eager_fp32"] for s in result["shapes"]}})
     table = Summary(title=f"{head}; x: speed-up over dense torch fp32 eager", columns=list(rows[0]), rows=rows, total_row=False)
-    lines = [str(table), f"chosen: {chosen['pipeline']}",
+    table.show(log=log)
+    lines = [f"chosen: {chosen['pipeline']}",
              f"test {metric} {chosen['test_artefact']:.4f} in its runtime ({chosen['drop_test_points']:+.2f} points lost against dense); "
              + "; ".join(f"{s}: {r['vs_ort_int8']:.2f}x dense ONNX Runtime int8, {r['vs_aoti_fp32']:.2f}x dense AOTInductor fp32"
                          for s, r in chosen["speedups"].items()),
              f"artefact: {chosen['artefact']} ({chosen['size_mb']} MB); report: {Path(chosen['artefact']).parent / 'report.html'}"]
-    return "\n".join(lines)
+    log("\n".join(lines))
 
 
 class TrialBar:

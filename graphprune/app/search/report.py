@@ -142,7 +142,7 @@ def report(job: SearchJob, study, worker, *, log=print) -> dict:
               "trials": [{"number": t.number, "params": t.params, "metrics": t.user_attrs.get("metrics"), "feasible": feasible(t),
                          **({"repeat_of": t.user_attrs["repeat_of"]} if "repeat_of" in t.user_attrs else {})} for t in done]}
     _atomic_write(out / "search.json", json.dumps(result, indent=2, default=str))
-    log(str(table))
+    table.show(log=log)
     log(f"best under the constraints: {'none feasible' if best is None else f'trial {best.number}, checkpoint ' + str(out / 'best')}; "
         f"front run files in {out / 'front'}" + (f"; plot {out / 'pareto.png'}" if plotted else ""))
     return {**result, "table": table, "output": out, "graphs": graphs}
