@@ -24,15 +24,14 @@ seconds, max abs diff), and writes ``bench/results/gpu_check.json``.
 Run: ``python bench/gpu_check.py`` on a CUDA machine: exits 2 saying "no CUDA device"
 where there is none, 1 when a step fails, 0 when all pass. ``--device cpu`` runs the
 same sequence on the CPU (writes ``gpu_check_cpu.json``): the script's own check on a
-machine without a GPU. ``--models tiny`` limits it to the tiny BERT.
+machine without a GPU. ``--models tiny`` limits it to the tiny BERT. ``--smoke``: the
+tiny BERT on the CPU (or on CUDA where there is one) with 2 training steps, into ``--out``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import math
-import random
 import sys
 import tempfile
 import time
@@ -46,39 +45,20 @@ import graphprune
 from graphprune.ir.masks import mask_of, zero_weights
 from graphprune.training.calibration import CalibrationData
 from graphprune.training.data import TextDataset
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from common import Bench, arguments, snippets, table, tiny_tokenizer  # bench/common.py: this script runs from bench/
 TOLERANCE = 1e-3  # max abs difference from the eager reference on the CPU, fp32
 SEARCH = {"method": "kprune", "flops": 0.6, "num_samples": 64, "score_samples": 32, "reconstruct_samples": 64, "seq_len": 32, "progress": False}
 FINETUNE = {"max_steps": 20, "batch_size": 16, "max_length": 32, "learning_rate": 5e-5, "progress": False}
 COLUMNS = ["model", "step", "result", "seconds", "max_abs_diff", "note"]
 
-POSITIVE = ["good", "great", "fun", "moving", "superb"]
-NEGATIVE = ["bad", "dull", "boring", "awful", "weak"]
-FILLER = [f"w{i}" for i in range(60)]
-
-
-# ---- models and data, built in code -------------------------------------------------------
-
-
-def snippets(n: int, seed: int, name: str) -> TextDataset:
-    """Two-class snippets: one sentiment word among five filler words (label 1 = positive)."""
-    rng = random.Random(seed)
-    texts, labels = [], []
-    for i in range(n):
-        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if i % 2 else NEGATIVE)]
-        rng.shuffle(words)
-        texts.append(" ".join(words))
-        labels.append(i % 2)
-    return TextDataset(texts, labels, ("neg", "pos"), [f"g{i % 7}" for i in range(n)], name)
+# ---- models and data, built in code (the snippets and tokenizer: bench/common.py) ------------
 
 
 def tiny_bert():
     """A 2-layer BERT classifier (hidden 32, 4 heads, FFN 64) and a WordPiece tokenizer over the snippets' words."""
     import transformers as tf
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
-    tokenizer = tf.BertTokenizer(vocab={w: i for i, w in enumerate(words)})
+    tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     # BERT's default initializer_range 0.02 gives this size logits of about 0.01 that hardly depend on the
     # input (pruning half the weights moves them by 1e-4): 0.2 makes them large enough for TOLERANCE to tell
@@ -253,7 +233,7 @@ class Run:
         return value
 
 
-def check_model(name: str, device, workdir: Path, log=print) -> list[dict]:
+def check_model(name: str, device, workdir: Path, log=print, finetune_steps: int = FINETUNE["max_steps"]) -> list[dict]:
     """Run every step for model ``name`` on ``device``; returns the table rows."""
     device = resolve(device)
     run = Run(name, log)
@@ -300,13 +280,13 @@ def check_model(name: str, device, workdir: Path, log=print) -> list[dict]:
 
     def finetune():
         tuned = sparse.copy()
-        result = graphprune.finetune(tuned, train, tokenizer, teacher=dense, **FINETUNE)
+        result = graphprune.finetune(tuned, train, tokenizer, teacher=dense, **{**FINETUNE, "max_steps": finetune_steps})
         note = ""
         if resolve(tuned.device) != device:  # accelerate trains on its own device (a GPU when there is one)
             note = f"finetune moved it to {tuned.device} (accelerate's device), moved back; "
             tuned.to(device)
         check_on_device(tuned, device)
-        if result.steps != FINETUNE["max_steps"] or not all(math.isfinite(x) for x in result.losses):
+        if result.steps != finetune_steps or not all(math.isfinite(x) for x in result.losses):
             raise AssertionError(f"{result.steps} steps, losses {result.losses}")
         before, after = masked_sparsity(sparse), masked_sparsity(tuned)
         if after != before:
@@ -314,7 +294,7 @@ def check_model(name: str, device, workdir: Path, log=print) -> list[dict]:
         note += f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}, sparsity {after:.4f} kept"
         return tuned, against_eager(tuned, model, batch, device), note
 
-    tuned = run.step(f"finetune {FINETUNE['max_steps']} steps (KD)", finetune, sparse, dense)
+    tuned = run.step(f"finetune {finetune_steps} steps (KD)", finetune, sparse, dense)
 
     def evaluate():
         here = graphprune.evaluate(tuned, test, tokenizer, max_length=32, progress=False)
@@ -347,10 +327,10 @@ def check_model(name: str, device, workdir: Path, log=print) -> list[dict]:
     return run.rows
 
 
-def run_checks(device, models, workdir: Path, log=print) -> list[dict]:
+def run_checks(device, models, workdir: Path, log=print, finetune_steps: int = FINETUNE["max_steps"]) -> list[dict]:
     rows = []
     for name in models:
-        rows += check_model(name, device, workdir, log)
+        rows += check_model(name, device, workdir, log, finetune_steps)
     return rows
 
 
@@ -367,16 +347,17 @@ def versions() -> dict:
     return info
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = arguments(__doc__)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu: the same sequence on the CPU")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), help="default: tiny, and minilm when installed")
-    args = parser.parse_args()
-    from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py: run from bench/
-
-    start = time.perf_counter()
-    machine, info = describe_machine(), versions()
-    print(machine_line(machine))
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    machine, info = bench.machine, versions()
+    if bench.smoke:  # the tiny BERT on what this machine has: the CPU-side path where there is no GPU
+        args.models = ["tiny"]
+        if not torch.cuda.is_available():
+            args.device = "cpu"
     gpu = f"GPU {info['gpu']} (compute {info['capability']}, {info['gpu_memory_gb']} GiB, cuDNN {info['cudnn']})" if "gpu" in info else "no GPU"
     print(f"torch {info['torch']}, CUDA build {info['cuda'] or 'none'}; {gpu}")
     device = torch.device(args.device)
@@ -387,17 +368,16 @@ def main() -> int:
     models = args.models or ["tiny"] + (["minilm"] if minilm_installed() else [])
     print(f"checking {', '.join(models)} on {device}, max abs diff from the eager model on the CPU at most {TOLERANCE}")
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
-        rows = run_checks(device, models, Path(tmp))
+        rows = run_checks(device, models, Path(tmp), finetune_steps=bench.pick(FINETUNE["max_steps"], 2))
     passed = all(r["result"] == "pass" for r in rows)
     shown = [{**r, "max_abs_diff": "-" if r.get("max_abs_diff") is None else f"{r['max_abs_diff']:.1e}"} for r in rows]
     print()
     print(table(shown, COLUMNS, digits=2))
     print(f"\n{'all steps passed' if passed else 'FAILED: ' + ', '.join(r['model'] + ' ' + r['step'] for r in rows if r['result'] != 'pass')}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / ("gpu_check.json" if device.type == "cuda" else f"gpu_check_{device.type}.json")
+    bench.claim("steps_passed", sum(r["result"] == "pass" for r in rows), len(rows), words=f"steps whose outputs match the eager model on {device}")
     results = {"machine": machine, "versions": info, "device": str(device), "tolerance": TOLERANCE, "models": models,
-               "passed": passed, "rows": rows, "seconds": round(time.perf_counter() - start, 1)}
-    write_json(path, results)
+               "passed": passed, "rows": rows, "seconds": bench.seconds()}
+    path = bench.write("gpu_check.json" if device.type == "cuda" else f"gpu_check_{device.type}.json", results)
     print(f"wrote {path} ({results['seconds']:.0f} s)")
     return 0 if passed else 1
 

@@ -12,17 +12,17 @@ Prints validation and test accuracy of each committed graph, the FLOPs it kept a
 its measured speed-up (``bench/learned.py``'s ``measure``), and the expected size the
 gates reached against the target; writes ``bench/results/l0_recipe.json``.
 
-Run: ``cd bench && PYTHONPATH=.. python l0_recipe.py [--epochs 0.5] [--target 0.75]``.
+Run: ``cd bench && PYTHONPATH=.. python l0_recipe.py [--epochs 0.5] [--target 0.75] [--smoke] [--out DIR]``
+(``--smoke``: two of the variants on the tiny BERT, seconds).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import graphprune
-from learned import RESULTS, Setup, log, measure  # bench/learned.py
-from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py
+from common import Bench, arguments, log, table  # bench/common.py
+from learned import Setup, measure  # bench/learned.py
 
 COFI = ["heads", "attention", "neurons", "ffn", "hidden"]
 VARIANTS = {
@@ -50,17 +50,16 @@ def run(setup: Setup, name: str, units: list[str], init_from: str, target: float
     return measure(setup, committed, row)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__)
     parser.add_argument("--epochs", type=float, default=0.5, help="training budget of every point, in epochs (default 0.5)")
     parser.add_argument("--target", type=float, default=0.75, help="share of the FLOPs to remove (default 0.75)")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    machine = describe_machine()
-    log(machine_line(machine))
-    setup = Setup(quick=False)
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    setup = Setup(bench, quick=False)
+    variants = dict(list(VARIANTS.items())[1::2]) if bench.smoke else VARIANTS  # a smoke run: both units, Fisher ranks
     log(f"MiniLM baseline: validation {setup.dense['validation']:.4f}, test {setup.dense['test']:.4f}")
-    rows = [run(setup, name, units, init_from, args.target, args.epochs) for name, (units, init_from) in VARIANTS.items()]
+    rows = [run(setup, name, units, init_from, args.target, args.epochs) for name, (units, init_from) in variants.items()]
     columns = ["method", "accuracy_validation", "accuracy", "drop_points", "expected_fraction", "flops_ratio", "hidden_removed",
                "speedup_b8", "speedup_b1", "train_seconds"]
     log(f"\nl0_structured recipes, {args.epochs} epoch(s) at target {args.target}; MiniLM on Rotten Tomatoes "
@@ -68,10 +67,12 @@ def main() -> None:
     log(table(rows, columns, digits=4))
     for r in rows:
         log(f"  {r['method']}: heads {r['heads_per_layer']}, ffn {r['ffn_width_per_layer']}")
-    path = RESULTS / "l0_recipe.json"
-    write_json(path, {"machine": machine, "dense": setup.dense, "epochs": args.epochs, "target": args.target, "rows": rows,
-                      "seconds": round(time.perf_counter() - start, 1)})
-    log(f"\nwrote {path} ({time.perf_counter() - start:.0f} s)")
+    best = max(rows, key=lambda r: r["accuracy_validation"])
+    bench.claim("best_recipe_drop_points", best["drop_points"], 1.0, at_most=True,
+                words=f"points lost by the recipe best on validation ({best['method']})")
+    path = bench.write("l0_recipe.json", {"machine": bench.machine, "dense": setup.dense, "epochs": args.epochs, "target": args.target,
+                                          "rows": rows, "seconds": bench.seconds()})
+    log(f"\nwrote {path} ({bench.seconds():.0f} s)")
 
 
 if __name__ == "__main__":

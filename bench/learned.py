@@ -30,12 +30,12 @@ batch 8 x 128. Prints the table and the targets that the run's methods answer, w
 method ends, ``complete`` once the run is) and ``learned.png`` (accuracy against speed-up,
 with ``bench/structured.py``'s axes).
 
-Run: ``python bench/learned.py [--methods l0,kprune,...] [--epochs E] [--quick]``.
+Run: ``python bench/learned.py [--methods l0,kprune,...] [--epochs E] [--quick] [--smoke] [--out DIR]``
+(``--smoke``: every method once on the tiny BERT, uncompiled, one graph exported to ONNX; seconds).
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -43,16 +43,11 @@ from pathlib import Path
 import torch
 
 import graphprune
-from graphprune.training.baseline import load_baseline
-from graphprune.training.calibration import CalibrationData
-from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_tokenizer
 from graphprune.training.schedule import GradualPruning
 from graphprune.training.timing import compare_latency
-from report import machine as describe_machine, machine_line, save_figure, table, write_json  # bench/report.py
+from common import Bench, arguments, log, save_figure, table  # bench/common.py
 from structured import compiled_speedup, latency_inputs  # bench/structured.py
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("l0", "kprune", "factorize", "layerdrop", "rpp", "quant_noise")
 L0_TARGETS = (0.6, 0.75, 0.88)  # FLOPs share removed; the top one is past 4x eager on the 2-core Xeon (see the README)
 # the l0 points and their K-prune peers train alike: lr 1e-4 and logits plus layer-wise hidden distillation in every
@@ -61,20 +56,18 @@ L0_TARGETS = (0.6, 0.75, 0.88)  # FLOPs share removed; the top one is past 4x ea
 STRUCTURED_TRAINING = {"kd_hidden_weight": 1.0, "learning_rate": 1e-4}
 
 
-def log(*args):
-    print(*args, flush=True)
-
-
 class Setup:
-    def __init__(self, quick: bool):
-        self.quick = quick
-        self.base = load_baseline()
-        self.tokenizer = load_tokenizer("minilm")
-        splits = load_rotten_tomatoes()
+    def __init__(self, bench: Bench, quick: bool):
+        self.bench, self.quick = bench, quick or bench.smoke
+        self.base = bench.baseline()
+        self.tokenizer = bench.tokenizer
+        splits = bench.splits
+        # a smoke run exports one committed graph to ONNX (seconds each, in a fresh process to check it)
+        self.exports_left = 1 if bench.smoke else None
         self.train = splits["train"].subset(256) if quick else splits["train"]
         self.validation = splits["validation"].subset(128) if quick else splits["validation"]
         self.test = splits["test"].subset(128) if quick else splits["test"]
-        self.calibration = CalibrationData(splits["train"], self.tokenizer)
+        self.calibration = bench.calibration()
         self.lat8 = latency_inputs(splits["test"], self.tokenizer, 8)
         self.lat1 = {k: v[:1, :64] for k, v in self.lat8.items()}
         self.dense = {"validation": self.accuracy(self.base, self.validation), "test": self.accuracy(self.base, self.test)}
@@ -106,16 +99,19 @@ def measure(setup: Setup, graph, row: dict) -> dict:
         e8 = compare_latency(graph.module, setup.base.module, setup.lat8, iters=5 if setup.quick else 15)
         e1 = compare_latency(graph.module, setup.base.module, setup.lat1, iters=10 if setup.quick else 30)
     row["speedup_b8"], row["speedup_b1"] = round(1 / e8["ratio"], 3), round(1 / e1["ratio"], 3)
-    compiled = compiled_speedup(graph.module, setup.base.module, setup.lat8, iters=5 if setup.quick else 10)
+    compiled = compiled_speedup(graph.module, setup.base.module, setup.lat8, iters=5 if setup.quick else 10, enabled=not setup.bench.smoke)
     row["speedup_b8_compiled"] = round(compiled, 3) if isinstance(compiled, float) else compiled
-    row.update(round_trip(graph, setup.lat1))
+    export = setup.exports_left is None or setup.exports_left > 0
+    if setup.exports_left:
+        setup.exports_left -= 1
+    row.update(round_trip(graph, setup.lat1, export))
     log(f"  {row['method']:<24} {row.get('point', ''):<12} acc {row['accuracy']:.4f} (val {row['accuracy_validation']:.4f}) "
         f"flops {row['flops_ratio']:.3f} b8 {row['speedup_b8']:.2f}x b1 {row['speedup_b1']:.2f}x compiled {row['speedup_b8_compiled']} "
         f"train {row.get('train_seconds', 0):.0f} s; reload {row['reload_identical']}, onnx {row['onnx_export']}")
     return row
 
 
-def round_trip(graph, inputs) -> dict:
+def round_trip(graph, inputs, export: bool = True) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         graph.save(Path(tmp) / "ckpt")
         again = graphprune.load(Path(tmp) / "ckpt")
@@ -123,6 +119,8 @@ def round_trip(graph, inputs) -> dict:
             a, b = graph.module.eval()(**inputs), again.module.eval()(**inputs)
         identical = all(torch.equal(a[k], b[k]) for k in a)
         try:
+            if not export:
+                return {"reload_identical": identical, "onnx_export": "not exported in a smoke run"}
             graph.export(Path(tmp) / "onnx", format="onnx")
             exported = "ok"
         except Exception as error:  # report it in the table, keep the run
@@ -247,7 +245,7 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
 
 
 def check_targets(rows: list[dict], dense: float) -> dict:
-    """The issue's targets that this run's methods can answer (a run of other methods says nothing of l0 or rpp)."""
+    """The claims that this run's methods can answer (a run of other methods says nothing of l0 or rpp)."""
     l0 = [r for r in rows if r["method"].startswith("l0_structured")]
     kprune = [r for r in rows if r["method"] == "kprune + recovery"]
     rpp = [r for r in rows if r["method"] == "rpp"]
@@ -273,11 +271,11 @@ def check_targets(rows: list[dict], dense: float) -> dict:
     return targets
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__, quick="a shorter run on 256 training snippets; its numbers are not the benchmark's")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)} (kprune needs l0)")
     parser.add_argument("--targets", type=float, nargs="+", default=list(L0_TARGETS), help="l0_structured FLOPs targets (share removed)")
-    parser.add_argument("--epochs", type=float, default=None, help="training budget of the l0 and kprune points, in epochs (default 1; the issue allows 2)")
+    parser.add_argument("--epochs", type=float, default=None, help="training budget of the l0 and kprune points, in epochs (default 1; at most 2)")
     parser.add_argument("--l0-finetune-share", type=float, default=0.25,
                         help="share of the l0 budget spent fine-tuning the committed graph (CoFi's second phase; default 0.25)")
     parser.add_argument("--l0-units", default="heads,neurons",
@@ -285,26 +283,25 @@ def main() -> None:
                              "accuracy, see bench/l0_recipe.py; heads,attention,neurons,ffn,hidden is CoFi's)")
     parser.add_argument("--l0-init", default="fisher", help="l0_structured's init_from (default fisher; none is CoFi's uniform start)")
     parser.add_argument("--other-epochs", type=float, default=None, help="training budget of the other methods' points, in epochs (default 1)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run on 256 training snippets; its numbers are not the benchmark's")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown or ("kprune" in methods and "l0" not in methods):
         parser.error(f"--methods: unknown {unknown} (allowed {list(METHODS)}); kprune needs l0" if unknown else "--methods: kprune needs l0")
-    start = time.perf_counter()
-    machine = describe_machine()
-    log(machine_line(machine))
-    setup = Setup(args.quick)
+    bench = Bench(args)
+    start, machine = bench.started, bench.machine
+    if bench.smoke:
+        args.targets = args.targets[:1]
+    setup = Setup(bench, args.quick)
     log(f"MiniLM baseline: validation {setup.dense['validation']:.4f}, test {setup.dense['test']:.4f}; {setup.dense_params / 1e6:.2f}M params")
     rows: list[dict] = []
-    RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else "" if set(methods) == set(METHODS) else "_" + "_".join(methods)
-    path = RESULTS / f"learned{suffix}.json"
+    path = bench.out / f"learned{suffix}.json"
 
     def save(**final) -> dict:  # the rows so far, with the targets and complete = True once the run ends
         results = {"machine": machine, "dense": setup.dense, "methods": methods, "rows": rows, "complete": False, **final,
                    "seconds": round(time.perf_counter() - start, 1)}
-        write_json(path, results)
+        bench.write(path.name, results)
         return results
 
     def keep(new_rows: list[dict]) -> None:  # the rows reach the JSON as each method ends: a stopped run keeps them
@@ -327,12 +324,14 @@ def main() -> None:
         "eager b8x128 / b1x64 and compiled b8x128; training distilled from the dense graph")
     log(table(rows, columns, digits=3))
     targets = check_targets(rows, setup.dense["test"])
-    log("\nTargets")
+    log("\nClaims")
+    words = {"l0_speedup_within_1pt": "l0_structured speed-up within 1 point", "l0_speedup_within_2pt": "l0_structured speed-up within 2 points",
+             "l0_beats_kprune_at_2.5x_or_more": "l0_structured more accurate than K-prune at 2.5x or more",
+             "rpp_70pct_drop_points": "points lost by rpp at 70% sparsity",
+             "committed_graphs_reload_and_export": "committed graphs that reload bit for bit and export to ONNX"}
     for name, t in targets.items():
-        if "met" not in t:
-            t["met"] = t["value"] is not None and (t["value"] <= t["target"] if t.get("lower_is_better") else t["value"] >= t["target"])
-        bound = f" ({'<=' if t.get('lower_is_better') else '>='} {t['target']})" if "target" in t else ""
-        log(f"  {name}: {t['value']}{bound} {'met' if t['met'] else 'NOT met'}")
+        t["met"] = bench.claim(name, t["value"], t.get("target", "all"), met=t.get("met"), at_most=t.get("lower_is_better", False),
+                               unit="x" if "speedup" in name else "", words=words[name])["met"]
     plot(rows, setup.dense["test"], path.with_suffix(".png"))
     results = save(targets=targets, complete=True)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")

@@ -18,28 +18,19 @@ Accuracy after PTQ, and after the same short distilled QAT (``--qat-steps``, 0 s
 it), on the validation and test splits. Prints the table, the target (mixed at 4 bits
 more accurate than uniform 4-bit after PTQ), writes ``bench/results/mixed_precision.json``.
 
-Run: ``python bench/mixed_precision.py [--granularity layer|linear] [--bits 4 6] [--qat-steps 100] [--iterations 10] [--trace-samples N] [--widths 2 3 4 5 6 8] [--reuse-sensitivity] [--quick]``.
+Run: ``python bench/mixed_precision.py [--granularity layer|linear] [--bits 4 6] [--qat-steps 100] [--iterations 10] [--trace-samples N] [--widths 2 3 4 5 6 8] [--reuse-sensitivity] [--quick] [--smoke] [--out DIR]``
+(``--smoke``: the tiny BERT, seconds, meaningless numbers).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 import graphprune
-from graphprune.training.baseline import load_baseline
 from graphprune.training.calibration import CalibrationData
-from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_tokenizer
-from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py
-
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def log(*args):
-    print(*args, flush=True)
+from common import Bench, arguments, log, table  # bench/common.py
 
 
 LINEAR_TRACE_SAMPLES = 32  # probes of the joint per-Linear trace: 32 products in all, one per probe
@@ -92,7 +83,7 @@ def compare_widths(measured, base, train, tokenizer, accuracy, *, bits=(4.0, 6.0
 
 
 def four_bit_target(rows: list[dict]) -> dict | None:
-    """Issue 20's target: mixed precision at 4 average bits more accurate on test than uniform 4-bit after PTQ."""
+    """The claim: mixed precision at 4 average bits more accurate on test than uniform 4-bit after PTQ."""
     uniform4 = next((r for r in rows if r["average_bits"] == 4 and r["method"] == "uniform"), None)
     mixed4 = [r for r in rows if r["average_bits"] == 4 and r["method"].startswith("mixed")]
     if not (uniform4 and mixed4):
@@ -109,8 +100,8 @@ def four_bit_target(rows: list[dict]) -> dict | None:
 COLUMNS = ["average_bits", "method", "bits_used", "widths", "ptq_validation", "ptq_test"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__, quick="a shorter run on small splits; its numbers are not the benchmark's")
     parser.add_argument("--granularity", choices=("layer", "linear"), default="layer")
     parser.add_argument("--bits", type=float, nargs="+", default=[4.0, 6.0], help="average weight widths compared")
     parser.add_argument("--qat-steps", type=int, default=100, help="distilled QAT steps after PTQ (0: PTQ only)")
@@ -122,13 +113,12 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=None, help="widths mixed_precision chooses from (default its own, 3-8)")
     parser.add_argument("--reuse-sensitivity", action="store_true",
                         help="read the sensitivity from this granularity's results JSON instead of measuring it again")
-    parser.add_argument("--quick", action="store_true", help="a smoke run on small splits; its numbers are not the benchmark's")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    machine = describe_machine()
-    log(machine_line(machine))
-    base, tokenizer = load_baseline(), load_tokenizer("minilm")
-    splits = load_rotten_tomatoes()
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    start, machine = bench.started, bench.machine
+    if bench.smoke:
+        args.quick, args.qat_steps = True, min(args.qat_steps, 2)
+    base, tokenizer, splits = bench.baseline(), bench.tokenizer, bench.splits
     validation = splits["validation"].subset(128) if args.quick else splits["validation"]
     test = splits["test"].subset(128) if args.quick else splits["test"]
 
@@ -142,8 +132,8 @@ def main() -> None:
     name = f"mixed_precision{'_quick' if args.quick else ''}{'' if args.granularity == 'layer' else '_linear'}"
     if args.reuse_sensitivity:
         measured = base.copy()
-        measured.meta["sensitivity"] = json.loads((RESULTS / f"{name}.json").read_text())["sensitivity"]
-        sensitivity_table, sensitivity_seconds = f"(the sensitivity of {RESULTS / f'{name}.json'})", 0.0
+        measured.meta["sensitivity"] = json.loads((bench.out / f"{name}.json").read_text())["sensitivity"]
+        sensitivity_table, sensitivity_seconds = f"(the sensitivity of {bench.out / f'{name}.json'})", 0.0
     else:
         measured, sensitivity_table, sensitivity_seconds = sensitivity(
             base, splits["train"], tokenizer, args.granularity, num_samples=args.num_samples, subsets=args.subsets, iterations=args.iterations,
@@ -158,10 +148,12 @@ def main() -> None:
     target = four_bit_target(rows)
     if target:
         log("\n" + target["line"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
+        bench.claim("mixed_4bit_beats_uniform_ptq", target["mixed_4bit_ptq_test"], f"> {target['uniform_4bit_ptq_test']:.4f} (uniform 4-bit)",
+                    met=target["met"], words=f"test accuracy at 4 average bits after PTQ, {target['criterion']}")
     default_run = args.bits == [4.0, 6.0] and not args.widths
-    path = RESULTS / f"{name}{'' if default_run else '_bits_' + '_'.join(f'{b:g}' for b in args.bits)}.json"  # (the defaults' file keeps its name)
-    write_json(path, {"machine": machine, "dense": dense, "granularity": args.granularity, "sensitivity": measured.meta["sensitivity"],
+    name = name.replace("_quick", "") if bench.smoke else name
+    file = f"{name}{'' if default_run else '_bits_' + '_'.join(f'{b:g}' for b in args.bits)}.json"  # (the defaults' file keeps its name)
+    path = bench.write(file, {"machine": machine, "dense": dense, "granularity": args.granularity, "sensitivity": measured.meta["sensitivity"],
                       "sensitivity_seconds": round(sensitivity_seconds, 1), "rows": rows, "target": target,
                       "seconds": round(time.perf_counter() - start, 1)})
     log(f"wrote {path} ({time.perf_counter() - start:.0f} s)")

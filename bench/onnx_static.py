@@ -10,12 +10,12 @@ accuracy on the validation and test splits and latency at batch 8 x 128 and 1 x 
 every artefact interleaved with the others.
 
     cd bench && PYTHONPATH=.. python onnx_static.py        # ~5 min with the baseline cached
+    cd bench && PYTHONPATH=.. python onnx_static.py --smoke --out DIR   # the tiny BERT: the four exports, seconds each
 """
 
 from __future__ import annotations
 
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +23,10 @@ import torch
 
 from graphprune.app.export import load_artefact, onnx_quantize
 from graphprune.app.export.evaluate_artefact import evaluate_artefact
-from graphprune.training.baseline import load_baseline
-from graphprune.training.calibration import CalibrationData
-from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import time_interleaved
-from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py
+from common import Bench, arguments, table  # bench/common.py
 
 SHAPES = {"b8x128": (8, 128), "b1x64": (1, 64)}
-RESULTS = Path(__file__).parent / "results" / "onnx_static.json"
 
 
 def export_all(base, calibration, folder: Path) -> dict[str, Path]:
@@ -53,14 +48,10 @@ def export_all(base, calibration, folder: Path) -> dict[str, Path]:
     return folders
 
 
-def main() -> None:
-    start = time.perf_counter()
-    machine = describe_machine()
-    print(machine_line(machine), flush=True)
-    base = load_baseline()
-    tokenizer = load_tokenizer("minilm")
-    splits = load_rotten_tomatoes()
-    calibration = CalibrationData(splits["train"], tokenizer)
+def main(argv: list[str] | None = None) -> None:
+    bench = Bench(arguments(__doc__).parse_args(argv))
+    base, tokenizer, splits = bench.baseline(), bench.tokenizer, bench.splits
+    calibration = bench.calibration()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folders = export_all(base, calibration, Path(tmp))
@@ -74,7 +65,7 @@ def main() -> None:
             given = tokenizer(splits["test"].texts[:count], padding="max_length", truncation=True, max_length=length, return_tensors="np")
             calls = {name: (lambda a=a: a({k: np.asarray(v, dtype=np.int64) for k, v in given.items() if k in a.inputs}))
                      for name, a in artefacts.items()}
-            times = time_interleaved(calls, iters=40)
+            times = time_interleaved(calls, iters=bench.pick(40, 2))
             for row in rows:
                 row[f"ms_{shape}"] = times[row["runtime"]]
                 row[f"vs_fp32_{shape}"] = times["ort fp32"] / times[row["runtime"]]
@@ -84,10 +75,10 @@ def main() -> None:
     now, before = by["ort int8 static"], by["ort int8 static, fused outputs untyped"]
     for shape in SHAPES:
         print(f"static int8, every Linear calibrated vs fused outputs untyped, {shape}: {before[f'ms_{shape}'] / now[f'ms_{shape}']:.2f}x faster")
-    print(f"static int8 test accuracy {now['accuracy_test']:.4f} against fp32 {by['ort fp32']['accuracy_test']:.4f}: "
-          f"{100 * (by['ort fp32']['accuracy_test'] - now['accuracy_test']):+.2f} points lost (claim <= 0.5: "
-          f"{'met' if by['ort fp32']['accuracy_test'] - now['accuracy_test'] <= 0.005 else 'not met'})")
-    write_json(RESULTS, {"machine": machine, "rows": rows, "seconds": round(time.perf_counter() - start)})
+    lost = round(100 * (by["ort fp32"]["accuracy_test"] - now["accuracy_test"]), 2)
+    bench.claim("static_int8_drop_points", lost, 0.5, at_most=True,
+                words=f"static int8 test accuracy {now['accuracy_test']:.4f} against fp32 {by['ort fp32']['accuracy_test']:.4f}, points lost")
+    print(f"wrote {bench.write('onnx_static.json', {'machine': bench.machine, 'rows': rows, 'seconds': round(bench.seconds())})}")
 
 
 if __name__ == "__main__":

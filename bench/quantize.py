@@ -18,34 +18,24 @@ Prints the CPU and its int8/bf16 flags, the table, where fp32 compiled and int8 
 their time (Linear kernels, attention, the rest) and the targets; writes
 ``bench/results/quantize.json`` and a PNG of accuracy against average weight bits.
 
-Run: ``python bench/quantize.py [--quick]`` (``--quick``: 300 test snippets, few steps;
-a smoke run whose numbers are not the benchmark's).
+Run: ``python bench/quantize.py [--quick] [--smoke] [--out DIR]`` (``--quick``: 300 test
+snippets, few steps; ``--smoke``: the tiny BERT, uncompiled, seconds; neither gives the
+benchmark's numbers).
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
 import graphprune
-from graphprune.training.baseline import load_baseline
-from graphprune.training.calibration import CalibrationData
-from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import compare_latency
-from graphprune.ir.runtime import compile_module
-from report import machine as describe_machine, machine_line, table, write_json, save_figure  # bench/report.py: this script runs from bench/
+from common import Bench, arguments, log, save_figure, table  # bench/common.py: this script runs from bench/
 
-RESULTS = Path(__file__).resolve().parent / "results"
 QAT_STEPS = 100  # batch 32: a third of an epoch of the 10k training snippets
 ENCODER_LINEARS = r"bert\.encoder\.layer\.\d+\..*\.(query|key|value|dense)"  # module paths; pooler and classifier stay float
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 def latency_inputs(test, tokenizer, batch: int, seq: int) -> dict:
@@ -140,35 +130,33 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 300 test snippets, few steps")
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__, quick="a shorter run: 300 test snippets, few steps")
     parser.add_argument("--qat-steps", type=int, default=QAT_STEPS, help=f"distilled QAT steps per width (default {QAT_STEPS})")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    machine = describe_machine()
-    log(machine_line(machine))
-    base = load_baseline()
-    tokenizer = load_tokenizer("minilm")
-    splits = load_rotten_tomatoes()
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    machine = bench.machine
+    base, tokenizer, splits = bench.baseline(), bench.tokenizer, bench.splits
     test = splits["test"].subset(300) if args.quick else splits["test"]
-    calibration = CalibrationData(splits["train"], tokenizer)
+    calibration = bench.calibration()
     lat8, lat1 = latency_inputs(splits["test"], tokenizer, 8, 128), latency_inputs(splits["test"], tokenizer, 1, 64)
-    steps = 10 if args.quick else args.qat_steps
+    steps = 10 if args.quick or bench.smoke else args.qat_steps
+    iters, calls = bench.pick((10, 30), (2, 3)), bench.pick(5, 1)  # timed calls per latency and per profile
+    samples = bench.pick(128, 16)  # calibration snippets of the profile (and, doubled, of each lowering)
 
     def accuracy(graph) -> float:
         return graphprune.evaluate(graph, test, tokenizer, progress=False)["accuracy"]
 
     dense = accuracy(base)
     compiled = base.copy()
-    compile_module(compiled.module)  # fp32 compiled the same way as the lowered graphs
+    bench.compile(compiled.module)  # fp32 compiled the same way as the lowered graphs
     rows = [{"method": "fp32 eager", "kind": "fp32", "accuracy": dense, "weight_bits": 32.0}]
     log(f"fp32: accuracy {dense:.4f} on {len(test)} snippets")
     rows.append({"method": "fp32 compiled", "kind": "fp32", "accuracy": accuracy(compiled), "weight_bits": 32.0,
-                 **timings(compiled, base, compiled, lat8, lat1)})
+                 **timings(compiled, base, compiled, lat8, lat1, iters)})
     log(f"fp32 compiled: {rows[-1]}")
 
-    profiled, _ = graphprune.run_pass(base, "profile_statistics", {"num_samples": 128, "progress": False}, data=calibration)
+    profiled, _ = graphprune.run_pass(base, "profile_statistics", {"num_samples": samples, "progress": False}, data=calibration)
     for bits in (8, 6, 4):
         graph = simulate(base, profiled, integer_entry(bits))
         row = {"method": f"integer w{bits}a8 PTQ", "kind": "ptq", "accuracy": accuracy(graph), "weight_bits": weight_bits(graph)}
@@ -190,30 +178,32 @@ def main() -> None:
                  ("bf16", {"precision": "bf16"})]
     for name, config in lowerings:
         try:
-            graph, info = graphprune.run_pass(base, "lower", {**config, "num_samples": 256}, data=calibration)
+            graph, info = graphprune.run_pass(base, "lower", {**config, "num_samples": 2 * samples, **bench.lower_options}, data=calibration)
         except Exception as error:
             if config["precision"] != "bf16":
                 raise
             rows.append({"method": name, "kind": "lowered", "accuracy": None, "note": f"not run: {error}"})
             log(f"bf16: {error}")
-            name, config = "bf16 (emulated)", {**config, "allow_emulated_bf16": True}
+            name, config = "bf16 (emulated)", {**config, "allow_emulated_bf16": True, **bench.lower_options}
             graph, info = graphprune.run_pass(base, "lower", config)
         row = {"method": name, "kind": "lowered", "accuracy": accuracy(graph),
                "weight_bits": 8.0 if config["precision"] == "int8" else 16.0, "lower_seconds": info["seconds"],
-               **timings(graph, base, compiled, lat8, lat1)}
+               **timings(graph, base, compiled, lat8, lat1, iters)}
         rows.append(row)
         log(f"{name}: {row}")
         if name == "int8 static":
-            breakdown = {"fp32 compiled": time_breakdown(compiled.module, lat8), "int8 static": time_breakdown(graph.module, lat8)}
+            breakdown = {"fp32 compiled": time_breakdown(compiled.module, lat8, calls), "int8 static": time_breakdown(graph.module, lat8, calls)}
         del graph
         torch._dynamo.reset()
 
-    searched, search_info = graphprune.run_pass(base, "structured_search", {"method": "kprune", "flops": 0.5, "progress": False}, data=calibration)
+    small = {"num_samples": 32, "score_samples": 16, "reconstruct_samples": 32} if bench.smoke else {}
+    searched, search_info = graphprune.run_pass(base, "structured_search", {"method": "kprune", "flops": 0.5, "progress": False, **small},
+                                                data=calibration)
     pruned_acc = accuracy(searched)
-    graph, info = graphprune.run_pass(searched, "lower", {"precision": "int8", "num_samples": 256}, data=calibration)
-    rows.append({"method": "K-prune 0.5 FLOPs fp32", "kind": "pruned", "accuracy": pruned_acc, **timings(searched, base, compiled, lat8, lat1)})
+    graph, info = graphprune.run_pass(searched, "lower", {"precision": "int8", "num_samples": 2 * samples, **bench.lower_options}, data=calibration)
+    rows.append({"method": "K-prune 0.5 FLOPs fp32", "kind": "pruned", "accuracy": pruned_acc, **timings(searched, base, compiled, lat8, lat1, iters)})
     rows.append({"method": "K-prune 0.5 FLOPs + int8", "kind": "lowered", "accuracy": accuracy(graph), "weight_bits": 8.0,
-                 **timings(graph, base, compiled, lat8, lat1)})
+                 **timings(graph, base, compiled, lat8, lat1, iters)})
     log(f"pruned: {rows[-2]}\npruned + int8: {rows[-1]}")
 
     for r in rows:
@@ -239,19 +229,21 @@ def main() -> None:
                                                "note": None if bf16 else "not run: no native bf16 on this CPU"},
         "w4_qat_drop_points": {"value": next(r["drop_points"] for r in rows if r["method"] == "integer w4a8 QAT"), "target": 1.0, "lower_is_better": True},
     }
-    log("\nTargets")
+    log("\nClaims")
+    words = {"int8_speedup_vs_eager_within_0.5pt": "int8 speed-up over fp32 eager within 0.5 points",
+             "int8_speedup_vs_compiled_within_0.5pt": "int8 speed-up over fp32 compiled within 0.5 points",
+             "bf16_speedup_vs_eager_within_0.1pt": "bf16 speed-up over fp32 eager within 0.1 points",
+             "w4_qat_drop_points": "points lost by 4-bit weights after QAT"}
     for name, t in targets.items():
-        t["met"] = t["value"] <= t["target"] if t.get("lower_is_better") else t["value"] >= t["target"]
-        log(f"  {name}: {t['value']} ({'<=' if t.get('lower_is_better') else '>='} {t['target']}) {'met' if t['met'] else 'NOT met'}"
-            + (f" ({t['note']})" if t.get("note") else ""))
-    RESULTS.mkdir(parents=True, exist_ok=True)
+        lower = t.get("lower_is_better", False)
+        t["met"] = bench.claim(name, t["value"], t["target"], at_most=lower, unit="" if lower else "x", words=words[name],
+                               **({"note": t["note"]} if t.get("note") else {}))["met"]
     suffix = "_quick" if args.quick else ""
-    plot(rows, dense, RESULTS / f"quantize{suffix}.png")
+    plot(rows, dense, bench.out / f"quantize{suffix}.png")
     results = {"machine": machine, "torch": torch.__version__, "test_examples": len(test), "dense_accuracy": dense, "qat_steps": steps,
                "search": {"flops_ratio": search_info["flops_ratio"], "seconds": search_info["seconds"]},
-               "rows": rows, "time_breakdown_ms_b8": breakdown, "targets": targets, "seconds": round(time.perf_counter() - start, 1)}
-    path = RESULTS / f"quantize{suffix}.json"
-    write_json(path, results)
+               "rows": rows, "time_breakdown_ms_b8": breakdown, "targets": targets, "seconds": bench.seconds()}
+    path = bench.write(f"quantize{suffix}.json", results)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
 
 

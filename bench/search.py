@@ -19,7 +19,7 @@ One run on the cached fine-tuned baseline:
    PTQ (``bench/mixed_precision.py``'s comparison, without its QAT: ``--mixed-qat-steps``
    adds it): groups per layer (eigenvalue and trace) and per Linear (the joint traces of
    all 36), the mixed row for the target chosen on the validation split; so that the
-   issue's whole benchmark is one run.
+   whole benchmark is one run.
 
 The search's constraint is 2 points on the validation split (1,297 snippets, where a
 point is 13 of them and the pruned graphs lose more than on test), so that its front

@@ -10,28 +10,20 @@ not shown to differ by the split.
 
 Prints the table, writes ``bench/results/split_gap.json``.
 
-Run: ``python bench/split_gap.py [--flops 0.3 0.5] [--resamples 2000]``.
+Run: ``python bench/split_gap.py [--flops 0.3 0.5] [--resamples 2000] [--smoke] [--out DIR]``
+(``--smoke``: the tiny BERT and 200 resamples, seconds).
 """
 
 from __future__ import annotations
 
-import argparse
 import random
-import time
-from pathlib import Path
 
 import numpy as np
 
 from graphprune.infra.pipeline import run_pass
-from graphprune.training.baseline import load_baseline
 from graphprune.training.batches import make_batches
-from graphprune.training.calibration import CalibrationData
-from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_tokenizer
+from common import Bench, arguments, table  # bench/common.py
 from deploy import graph_runner, predictions  # bench/deploy.py
-from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def correct(graph, data, tokenizer) -> list[bool]:
@@ -54,16 +46,16 @@ def movie_interval(groups: list[str], dense: list[bool], pruned: list[bool], res
     return drops[int(0.025 * resamples)], drops[int(0.975 * resamples) - 1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__)
     parser.add_argument("--flops", type=float, nargs="+", default=[0.3, 0.5], help="K-prune FLOPs budgets")
     parser.add_argument("--resamples", type=int, default=2000)
-    args = parser.parse_args()
-    start = time.perf_counter()
-    machine = describe_machine()
-    print(machine_line(machine), flush=True)
-    base, tokenizer, splits = load_baseline(), load_tokenizer("minilm"), load_rotten_tomatoes()
-    calibration = CalibrationData(splits["train"], tokenizer)
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    if bench.smoke:
+        args.resamples = min(args.resamples, 200)
+    base, tokenizer, splits = bench.baseline(), bench.tokenizer, bench.splits
+    calibration = bench.calibration()
     scored = {s: splits[s] for s in ("validation", "test")}
     dense = {s: correct(base, d, tokenizer) for s, d in scored.items()}
     rows = []
@@ -82,10 +74,13 @@ def main() -> None:
     print("\nK-prune (no retraining), drop in points with a 95% interval over movies; broken/fixed: snippets whose prediction changed")
     print(table(rows, ["flops", "split", "snippets", "movies", "dense_accuracy", "pruned_accuracy", "drop_points", "drop_low", "drop_high",
                        "broken", "fixed"], digits=4))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / "split_gap.json", {"machine": machine, "rows": rows, "resamples": args.resamples,
-                                            "seconds": round(time.perf_counter() - start, 1)})
-    print(f"wrote {RESULTS / 'split_gap.json'} ({time.perf_counter() - start:.0f} s)")
+    for flops in args.flops:
+        val, test = (next(r for r in rows if r["flops"] == flops and r["split"] == s) for s in ("validation", "test"))
+        apart = val["drop_low"] > test["drop_high"] or test["drop_low"] > val["drop_high"]
+        bench.claim(f"split_gap_{flops}", round(val["drop_points"] - test["drop_points"], 2), "intervals overlap", met=not apart,
+                    words=f"K-prune {flops}: validation drop minus test drop, points")
+    path = bench.write("split_gap.json", {"machine": bench.machine, "rows": rows, "resamples": args.resamples, "seconds": bench.seconds()})
+    print(f"wrote {path} ({bench.seconds():.0f} s)")
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ CPU, sequences of 128 tokens:
 Prints the tables, writes ``bench/results/structured.json`` and a PNG of accuracy
 against measured speed-up (``bench/results/structured.png``).
 
-Run: ``python bench/structured.py [--quick]`` (``--quick``: two budgets, fewer
-examples and steps; a smoke run whose numbers are not the benchmark's).
+Run: ``python bench/structured.py [--quick] [--smoke] [--out DIR]`` (``--quick``: two
+budgets, fewer examples and steps; ``--smoke``: one budget on the tiny BERT, uncompiled,
+seconds; neither gives the benchmark's numbers).
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
@@ -34,21 +34,12 @@ from pathlib import Path
 import torch
 
 import graphprune
-from graphprune.training.baseline import load_baseline
-from graphprune.training.calibration import CalibrationData
-from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_minilm, load_tokenizer
 from graphprune.training.timing import compare_latency
-from report import machine as describe_machine, machine_line, table, write_json, save_figure  # bench/report.py: this script runs from bench/
+from common import Bench, arguments, log, save_figure, table  # bench/common.py: this script runs from bench/
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.75, 0.6, 0.5, 0.4, 0.3)
 METHODS = ("kwon", "kprune")
 RECOVERY_STEPS = 60  # batch 32: a fifth of an epoch of the 10k training snippets
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 def latency_inputs(test, tokenizer, batch: int) -> dict:
@@ -56,8 +47,12 @@ def latency_inputs(test, tokenizer, batch: int) -> dict:
     return dict(tokenizer(texts, padding="max_length", truncation=True, max_length=128, return_tensors="pt"))
 
 
-def compiled_speedup(candidate, reference, inputs, iters: int = 10) -> float | str:
-    """compiled reference / compiled candidate latency; an error message if inductor cannot compile here."""
+def compiled_speedup(candidate, reference, inputs, iters: int = 10, enabled: bool = True) -> float | str:
+    """compiled reference / compiled candidate latency; an error message if inductor cannot compile here.
+
+    ``enabled`` false (a smoke run, where inductor alone would take tens of seconds): a note instead."""
+    if not enabled:
+        return "not compiled in a smoke run"
     try:
         torch._dynamo.reset()
         c, r = torch.compile(candidate), torch.compile(reference)
@@ -72,21 +67,21 @@ def fmt_speedup(value: float | str) -> str:
     return value if isinstance(value, str) else f"{value:.2f}x"
 
 
-def speedups(pruned, base, lat8, lat1, quick: bool) -> dict:
+def speedups(pruned, base, lat8, lat1, quick: bool, compiled: bool = True) -> dict:
     with torch.no_grad():
         e8 = compare_latency(pruned.module, base.module, lat8, iters=5 if quick else 20)
         e1 = compare_latency(pruned.module, base.module, lat1, iters=10 if quick else 30)
     return {
         "speedup_b8": 1 / e8["ratio"], "speedup_b1": 1 / e1["ratio"], "dense_ms_b8": e8["reference_ms"],
-        "speedup_b8_compiled": compiled_speedup(pruned.module, base.module, lat8),
+        "speedup_b8_compiled": compiled_speedup(pruned.module, base.module, lat8, enabled=compiled),
     }
 
 
-def torch_pruning_reference(base, heads_per_layer, widths, test, tokenizer):
+def torch_pruning_reference(bench: Bench, base, heads_per_layer, widths, test, tokenizer):
     """The same per-layer head and neuron counts removed by Torch-Pruning's functions, L1 magnitude, eager HF model."""
     import torch_pruning as tp
 
-    model, _ = load_minilm(num_labels=2)
+    model = bench.eager_model()
     missing = model.load_state_dict(base.module.state_dict(), strict=False)
     if missing.missing_keys:
         raise RuntimeError(f"the baseline graph lacks weights of {type(model).__name__}: {missing.missing_keys[:3]}")
@@ -116,15 +111,15 @@ def torch_pruning_reference(base, heads_per_layer, widths, test, tokenizer):
     return graphprune.evaluate(graph, test, tokenizer, progress=False)["accuracy"], seconds
 
 
-def bert_base_timing(quick: bool) -> dict:
+def bert_base_timing(bench: Bench, quick: bool) -> dict:
     """Half the heads and FFN neurons of a bert-base sized model: pass time and speed-up, ours and Torch-Pruning's."""
     import torch_pruning as tp
-    from transformers import BertConfig, BertForSequenceClassification
 
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig()).eval()
-    graph = graphprune.trace(model)
-    inputs = {"input_ids": torch.randint(1000, 20000, (8, 128)), "attention_mask": torch.ones(8, 128, dtype=torch.long)}
+    graph = bench.large_graph()
+    config = bench.large_model().config
+    heads, head_size, ffn = config.num_attention_heads, config.hidden_size // config.num_attention_heads, config.intermediate_size
+    vocab = (min(1000, config.vocab_size // 2), min(20000, config.vocab_size))
+    inputs = {"input_ids": torch.randint(*vocab, (8, 128)), "attention_mask": torch.ones(8, 128, dtype=torch.long)}
     ours = []
     for _ in range(1 if quick else 5):
         work = graph.copy()
@@ -135,24 +130,22 @@ def bert_base_timing(quick: bool) -> dict:
     # Three rounds of 30 interleaved pairs: one round's ratio moves by several percent on this shared machine.
     with torch.no_grad():
         rounds = [1 / compare_latency(work.module, graph.module, inputs, iters=3 if quick else 30)["ratio"] for _ in range(1 if quick else 3)]
-    compiled = compiled_speedup(work.module, graph.module, inputs, iters=3 if quick else 20)
+    compiled = compiled_speedup(work.module, graph.module, inputs, iters=3 if quick else 20, enabled=not bench.smoke)
     theirs = []
     for _ in range(1 if quick else 5):
-        torch.manual_seed(0)
-        eager = BertForSequenceClassification(BertConfig()).eval()
+        eager = bench.large_model()
         start = time.perf_counter()
         for layer in eager.bert.encoder.layer:
             attn = layer.attention.self
-            idxs = list(range(6 * 64))
+            idxs = list(range(heads // 2 * head_size))
             for m in (attn.query, attn.key, attn.value):
                 tp.prune_linear_out_channels(m, idxs)
             tp.prune_linear_in_channels(layer.attention.output.dense, idxs)
-            attn.num_attention_heads, attn.all_head_size = 6, 384
-            tp.prune_linear_out_channels(layer.intermediate.dense, list(range(1536)))
-            tp.prune_linear_in_channels(layer.output.dense, list(range(1536)))
+            attn.num_attention_heads, attn.all_head_size = heads - heads // 2, (heads - heads // 2) * head_size
+            tp.prune_linear_out_channels(layer.intermediate.dense, list(range(ffn // 2)))
+            tp.prune_linear_in_channels(layer.output.dense, list(range(ffn // 2)))
         theirs.append(time.perf_counter() - start)
-    torch.manual_seed(0)
-    dense_eager = BertForSequenceClassification(BertConfig()).eval()
+    dense_eager = bench.large_model()
     with torch.no_grad():
         their_speed = 1 / compare_latency(eager, dense_eager, inputs, iters=3 if quick else 30)["ratio"]
         ours_vs_theirs = compare_latency(work.module, eager, inputs, iters=3 if quick else 30)["ratio"]
@@ -187,27 +180,23 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: two budgets, 300 test snippets, few steps")
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__, quick="a shorter run: two budgets, 300 test snippets, few steps")
     parser.add_argument("--recovery-steps", type=int, default=RECOVERY_STEPS, help=f"distilled fine-tuning steps after each search (default {RECOVERY_STEPS})")
     parser.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS), help=f"FLOPs budgets (default {' '.join(map(str, BUDGETS))})")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    machine = describe_machine()
-    log(machine_line(machine))
-    base = load_baseline()
-    tokenizer = load_tokenizer("minilm")
-    splits = load_rotten_tomatoes()
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    quick = args.quick or bench.smoke
+    base, tokenizer, splits = bench.baseline(), bench.tokenizer, bench.splits
     test = splits["test"].subset(300) if args.quick else splits["test"]
-    calibration = CalibrationData(splits["train"], tokenizer)
+    calibration = bench.calibration()
     lat8, lat1 = latency_inputs(splits["test"], tokenizer, 8), latency_inputs(splits["test"], tokenizer, 1)
     dense = graphprune.evaluate(base, test, tokenizer, progress=False)["accuracy"]
     dense_params = sum(p.numel() for p in base.module.parameters())
     log(f"MiniLM baseline: test accuracy {dense:.4f} on {len(test)} snippets; {dense_params / 1e6:.2f}M params")
-    budgets = (0.6, 0.4) if args.quick else args.budgets
-    search_options = {"num_samples": 256, "reconstruct_samples": 128, "score_samples": 64} if args.quick else {}
-    steps = 10 if args.quick else args.recovery_steps
+    budgets = (0.4,) if bench.smoke else (0.6, 0.4) if args.quick else args.budgets
+    search_options = {"num_samples": 256, "reconstruct_samples": 128, "score_samples": 64} if quick else {}
+    steps = 10 if quick else args.recovery_steps
     rows = []
     for keep in budgets:
         for method in METHODS:
@@ -216,7 +205,7 @@ def main() -> None:
             row = {"method": method, "flops_budget": keep, "flops_ratio": info["flops_ratio"], "accuracy": accuracy,
                    "params_m": sum(p.numel() for p in pruned.module.parameters()) / 1e6, "prune_seconds": info["seconds"],
                    "heads_per_layer": info["heads_per_layer"], "ffn_width_per_layer": info["ffn_width_per_layer"], "dense_accuracy": dense}
-            row.update(speedups(pruned, base, lat8, lat1, args.quick))
+            row.update(speedups(pruned, base, lat8, lat1, quick, compiled=not bench.smoke))
             log(f"  {method:6} flops {keep}: accuracy {accuracy:.4f}, speed-up b8 {row['speedup_b8']:.2f}x, b1 {row['speedup_b1']:.2f}x, "
                 f"compiled b8 {fmt_speedup(row['speedup_b8_compiled'])}, "
                 f"searched in {info['seconds']:.0f} s; heads {info['heads_per_layer']}, widths {info['ffn_width_per_layer']}")
@@ -227,7 +216,7 @@ def main() -> None:
             log(f"         + {steps} distilled steps: accuracy {row['accuracy_recovered']:.4f} ({row['recovery_seconds']:.0f} s)")
             rows.append(row)
         best = max((r for r in rows if r["flops_budget"] == keep), key=lambda r: r["accuracy"])
-        tp_accuracy, tp_seconds = torch_pruning_reference(base, best["heads_per_layer"], best["ffn_width_per_layer"], test, tokenizer)
+        tp_accuracy, tp_seconds = torch_pruning_reference(bench, base, best["heads_per_layer"], best["ffn_width_per_layer"], test, tokenizer)
         rows.append({"method": "torch-pruning l1", "flops_budget": keep, "flops_ratio": best["flops_ratio"], "accuracy": tp_accuracy,
                      "params_m": best["params_m"], "prune_seconds": round(tp_seconds, 2), "speedup_b8": best["speedup_b8"], "dense_accuracy": dense,
                      "note": f"counts of {best['method']}"})
@@ -237,7 +226,7 @@ def main() -> None:
         if r.get("accuracy_recovered") is not None:
             r["drop_points_recovered"] = round((dense - r["accuracy_recovered"]) * 100, 2)
     log("\n3. bert-base: half the heads and FFN neurons")
-    base_timing = bert_base_timing(args.quick)
+    base_timing = bert_base_timing(bench, quick)
 
     columns = ["method", "flops_budget", "flops_ratio", "params_m", "accuracy", "drop_points", "accuracy_recovered", "drop_points_recovered",
                "speedup_b8", "speedup_b1", "speedup_b8_compiled", "prune_seconds"]
@@ -262,22 +251,23 @@ def main() -> None:
                                        "target": 1.9},
         "search_seconds_max": {"value": max(r["prune_seconds"] for r in ours), "target": 180, "lower_is_better": True},
     }
-    log("\nTargets")
+    log("\nClaims")
+    words = {"speedup_no_retraining_within_1pt": "speed-up within 1 point, no retraining",
+             "speedup_recovered_within_1pt": f"speed-up within 1 point after {steps} distilled steps",
+             "bert_base_seconds": "bert-base, half the heads and neurons removed in", "bert_base_speedup": "bert-base speed-up, eager",
+             "bert_base_speedup_compiled": "bert-base speed-up, compiled", "search_seconds_max": "longest search"}
     for name, t in targets.items():
-        met = t["value"] <= t["target"] if t.get("lower_is_better") else t["value"] >= t["target"]
-        t["met"] = met
-        log(f"  {name}: {t['value']} ({'<=' if t.get('lower_is_better') else '>='} {t['target']}) {'met' if met else 'NOT met'}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+        lower = t.get("lower_is_better", False)
+        t["met"] = bench.claim(name, t["value"], t["target"], at_most=lower, unit=" s" if "seconds" in name else "x", words=words[name])["met"]
     # A run of other budgets than the default five writes beside the full results, not over them.
-    suffix = "_quick" if args.quick else "" if tuple(budgets) == BUDGETS else "_budgets_" + "_".join(map(str, budgets))
-    plot(rows, RESULTS / f"structured{suffix}.png")
+    suffix = "_quick" if args.quick else "" if tuple(budgets) == BUDGETS or bench.smoke else "_budgets_" + "_".join(map(str, budgets))
+    plot(rows, bench.out / f"structured{suffix}.png")
     results = {
-        "machine": machine,
+        "machine": bench.machine,
         "test_examples": len(test), "dense_accuracy": dense, "recovery_steps": steps, "rows": rows, "bert_base": base_timing,
-        "targets": targets, "seconds": round(time.perf_counter() - start, 1),
+        "targets": targets, "seconds": bench.seconds(),
     }
-    path = RESULTS / f"structured{suffix}.json"
-    write_json(path, results)
+    path = bench.write(f"structured{suffix}.json", results)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
 
 

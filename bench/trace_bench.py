@@ -12,27 +12,22 @@ noise hits both sides alike:
 - ``graph.save`` and ``graphprune.load``.
 
 Run: ``python bench/trace_bench.py [--repeats 3] [--forward-iters 20]``; results go to
-``bench/results/trace.json``.
+``bench/results/trace.json``. ``--smoke``: the same on the tiny BERT, once, in seconds.
 Targets: trace with metadata <= 1.5x bare export; graph forward <= 1.05x eager.
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification
-
 import graphprune
 from graphprune.ir.calls import ModelCall
 from graphprune.ir.tracing import _dynamic_shapes
-from report import machine as describe_machine, machine_line, write_json  # bench/report.py: this script runs from bench/
-
-RESULTS = Path(__file__).resolve().parent / "results" / "trace.json"
+from common import Bench, arguments  # bench/common.py: this script runs from bench/
 
 
 def timed(fn):
@@ -41,21 +36,20 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="export/trace repetitions (median is reported)")
     parser.add_argument("--forward-iters", type=int, default=20, help="timed forward calls per side")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
-    args = parser.parse_args()
-
-    machine = describe_machine()
-    print(machine_line(machine))
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig()).eval()  # bert-base: 12 layers, 768 hidden
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    if bench.smoke:
+        args.repeats, args.forward_iters, args.batch, args.seq = 1, 2, 2, 16
+    model = bench.large_model()  # bert-base: 12 layers, 768 hidden
     inputs = ModelCall.for_model(model).example_inputs(graphprune.dummy_inputs(model))  # what trace exports
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"bert-base BertForSequenceClassification, {n_params / 1e6:.1f}M parameters")
+    print(f"{bench.pick('bert-base', 'tiny')} BertForSequenceClassification, {n_params / 1e6:.1f}M parameters")
 
     export_times, trace_times = [], []
     graph = None
@@ -121,10 +115,14 @@ def main() -> None:
         print(f"{what.ljust(width)}  {value:>9}  {ratio}")
     print(f"\nmax |graph - eager| on logits: {diff:.2e}")
     print(graph.summary(seq_len=args.seq))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    bench.claim("trace_vs_export", trace_t / export_t, 1.5, at_most=True, unit="x", words="trace with metadata against bare export")
+    bench.claim("graph_vs_eager", graph_t / eager_t, 1.05, at_most=True, unit="x", words="graph forward against eager")
+    bench.claim("graph_vs_eager_ids_and_mask", med(graph_short) / med(eager_short), 1.05, at_most=True, unit="x",
+                words="graph forward against eager, ids and mask only")
+    bench.claim("reload_bit_identical", identical, "bit-identical", met=identical, words="reloaded checkpoint's outputs bit-identical")
     results = {
-        "machine": machine,
-        "model": "bert-base BertForSequenceClassification (random weights)",
+        "machine": bench.machine,
+        "model": f"{bench.pick('bert-base', 'tiny')} BertForSequenceClassification (random weights)",
         "params": n_params,
         "export_s": export_t,
         "trace_with_metadata_s": trace_t,
@@ -139,7 +137,7 @@ def main() -> None:
         "reload_bit_identical": identical,
         "max_abs_diff": diff,
     }
-    write_json(RESULTS, results)
+    print(f"wrote {bench.write('trace.json', results)}")
 
 
 if __name__ == "__main__":

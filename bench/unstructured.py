@@ -16,14 +16,12 @@ One run, on the cached baseline (built on first use, about 14 minutes), test spl
 Prints the tables, writes ``bench/results/unstructured.json`` and a PNG plot of
 accuracy against sparsity per method (``bench/results/unstructured.png``).
 
-Run: ``python bench/unstructured.py [--quick]`` (``--quick``: fewer test snippets and
-steps, for a smoke run; the numbers it prints are not the benchmark's).
+Run: ``python bench/unstructured.py [--quick] [--smoke] [--out DIR]`` (``--quick``: fewer
+test snippets and steps; ``--smoke``: the tiny BERT, seconds; neither gives the benchmark's numbers).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import statistics
 import tempfile
 import time
@@ -36,14 +34,9 @@ from torch.nn.utils import prune
 import graphprune
 from graphprune.app.workflow import latency_batch
 from graphprune.ir.metadata import common
-from graphprune.training.baseline import load_baseline
-from graphprune.training.calibration import CalibrationData
-from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import compare_latency
-from report import machine as describe_machine, machine_line, table, write_json, save_figure  # bench/report.py: this script runs from bench/
+from common import Bench, arguments, log, save_figure, table  # bench/common.py: this script runs from bench/
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SPARSITIES = (0.3, 0.5, 0.7, 0.9)
 METHODS = {
     "random": {"method": "random"},
@@ -55,10 +48,6 @@ METHODS = {
 }
 N_M = {"l1 2:4": {"method": "l1", "granularity": "2:4"}, "wanda 2:4": {"method": "wanda", "granularity": "2:4"}, "sparsegpt 2:4": {"method": "sparsegpt", "granularity": "2:4"}}
 ENCODER = ("query", "key", "value", "attention_output", "ffn_up", "ffn_down")
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 def torch_l1_reference(graph, sparsity: float):
@@ -121,7 +110,7 @@ def recovery(base, splits, test, tokenizer, calibration, best: str, quick: bool)
     return rows
 
 
-def costs(base, test, tokenizer, calibration, best: str, quick: bool) -> dict:
+def costs(bench: Bench, base, test, tokenizer, calibration, best: str, quick: bool) -> dict:
     inputs = latency_batch(test, tokenizer)
     out = {}
     pruned, _ = graphprune.run_pass(base, "prune_weight", {**METHODS[best], "sparsity": 0.5}, data=calibration)
@@ -144,10 +133,7 @@ def costs(base, test, tokenizer, calibration, best: str, quick: bool) -> dict:
             identical = torch.equal(again.module(**inputs).logits, committed.module(**inputs).logits)
     out["checkpoint"] = {"dense_bytes": dense_bytes, "sparse_50_bytes": sparse_bytes, "ratio": sparse_bytes / dense_bytes, "reload_identical": identical}
     # l1 50% pass time on a bert-base sized model (random weights, built from a config)
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    bert = graphprune.trace(BertForSequenceClassification(BertConfig()).eval())
+    bert = bench.large_graph()
     timing = {}
     for scope in ("local", "global"):
         in_place, functional = [], []
@@ -187,23 +173,18 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 200 test snippets, few steps")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    machine = describe_machine()
-    log(machine_line(machine))
-    base = load_baseline()
-    tokenizer = load_tokenizer("minilm")
-    splits = load_rotten_tomatoes()
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(__doc__, quick="a shorter run: 200 test snippets, few steps").parse_args(argv)
+    bench = Bench(args)
+    quick = args.quick or bench.smoke
+    base, tokenizer, splits = bench.baseline(), bench.tokenizer, bench.splits
     test = splits["test"].subset(200) if args.quick else splits["test"]
-    calibration = CalibrationData(splits["train"], tokenizer)
+    calibration = bench.calibration()
     dense = graphprune.evaluate(base, test, tokenizer, progress=False)["accuracy"]
     log(f"MiniLM baseline: test accuracy {dense:.4f} on {len(test)} snippets")
 
     log("\n1. one-shot pruning of the encoder's Linear weights")
-    shot = one_shot(base, test, tokenizer, calibration, args.quick)
+    shot = one_shot(base, test, tokenizer, calibration, quick)
     for row in shot:
         row["drop_points"] = round((dense - row["accuracy"]) * 100, 2)
     candidates = [r for r in shot if r["sparsity"] == 0.7 and r["method"] in METHODS]
@@ -211,12 +192,12 @@ def main() -> None:
     log(f"\nbest one-shot method at 0.7: {best}")
 
     log("\n2. recovery fine-tuning (at most one epoch, distilled from the dense graph)")
-    rec = recovery(base, splits, test, tokenizer, calibration, best, args.quick)
+    rec = recovery(base, splits, test, tokenizer, calibration, best, quick)
     for row in rec:
         row["drop_points"] = round((dense - row["accuracy"]) * 100, 2)
 
     log("\n3. costs")
-    cost = costs(base, test, tokenizer, calibration, best, args.quick)
+    cost = costs(bench, base, test, tokenizer, calibration, best, quick)
 
     wide = []
     for method in dict.fromkeys(r["method"] for r in shot):
@@ -248,19 +229,23 @@ def main() -> None:
         "checkpoint_ratio": {"value": round(ck["ratio"], 3), "target": 0.8},
         "bert_base_l1_seconds": {"value": round(bb["local_seconds"], 3), "target": 1.0},
     }
-    log("\nTargets")
-    for name, t in targets.items():
-        log(f"  {name}: {t['value']} (target <= {t['target']}) {'met' if t['value'] <= t['target'] else 'NOT met'}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    log("\nClaims")
+    bench.claim("one_shot_50_drop_points", targets["one_shot_50_drop_points"]["value"], 0.5, at_most=True,
+                words=f"points lost by the best one-shot method at 50% ({best50['method']})")
+    bench.claim("recovery_70_drop_points", targets["recovery_70_drop_points"]["value"], 1.0, at_most=True,
+                words=f"points lost at 70% after recovery ({rec70['method']})")
+    bench.claim("checkpoint_ratio", targets["checkpoint_ratio"]["value"], 0.8, at_most=True, unit="x",
+                words="50% sparse checkpoint against dense")
+    bench.claim("bert_base_l1_seconds", targets["bert_base_l1_seconds"]["value"], 1.0, at_most=True, unit=" s",
+                words="prune_weight l1 50% on bert-base, in place")
     suffix = "_quick" if args.quick else ""
-    plot(shot, dense, RESULTS / f"unstructured{suffix}.png")
+    plot(shot, dense, bench.out / f"unstructured{suffix}.png")
     results = {
-        "machine": machine,
+        "machine": bench.machine,
         "test_examples": len(test), "dense_accuracy": dense, "one_shot": shot, "recovery": rec, "costs": cost, "targets": targets,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": bench.seconds(),
     }
-    path = RESULTS / f"unstructured{suffix}.json"
-    write_json(path, results)
+    path = bench.write(f"unstructured{suffix}.json", results)
     log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
 
 
