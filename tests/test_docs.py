@@ -13,6 +13,7 @@ in CI (``make docs``) and in the last test here.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -79,7 +80,7 @@ def test_python_blocks_run(page, workspace_template, tmp_path, monkeypatch):
         if block.language != "python" or block.skip:
             continue
         try:
-            exec(compile(block.code, f"{block.page}:{block.line}", "exec"), namespace)
+            exec(compile(block.code, f"{block.page}:{block.line}", "exec", dont_inherit=True), namespace)
         except Exception as error:
             pytest.fail(f"{block.page} line {block.line}: {type(error).__name__}: {error}\n\n{block.code}")
 
@@ -209,3 +210,13 @@ def test_passes_reference_names_a_users_own_pass(tmp_path):
     assert "Shrink nothing: a pass for the reference page's test." in section
     assert "| `factor` | `float` | `0.5` |" in section and "| `label` | `str` | `'x'` |" in section
     assert 'name = "docs_check_shrink"\nfactor = 0.5\nlabel = "x"' in section
+
+
+@pytest.mark.skipif(shutil.which("mkdocs") is None and importlib.util.find_spec("mkdocs") is None,
+                    reason="the docs extra is not installed (pip install -e .[docs])")
+def test_site_builds_strict(tmp_path):
+    """A broken link, a page missing from disk or a docstring that does not render fails the build."""
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp_path / "site" / "reference" / "passes" / "index.html").is_file()
