@@ -224,8 +224,8 @@ def readme_block(results: Path = RESULTS) -> str:
         model = Path(job["model"].get("checkpoint") or job["model"].get("name", "?")).name
         lines.append(f"| {escape(model)} | {escape(job['data'].get('name', '?'))} | {escape(chosen['pipeline'])} | {escape(chosen.get('runtime', '?'))} "
                      f"| {chosen['drop_points']:.2f} / {chosen['drop_test_points']:.2f} ({escape(job.get('metric', '?'))}) | {ratio[0]} | {ratio[1]} |")
-    lines += ["", "Plot: [bench/results/compress.png](bench/results/compress.png); every number: "
-              "[docs/results/compress.md](docs/results/compress.md).", "", END]
+    lines += ["", "![compress: every trial's accuracy against its speed-up, and the served latencies](bench/results/compress.png)",
+              "", "Every number of the run: [docs/results/compress.md](docs/results/compress.md).", "", END]
     return "\n".join(lines)
 
 
