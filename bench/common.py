@@ -97,6 +97,33 @@ def tiny_graph(seed: int = 0):
     return _TINY_GRAPHS[seed].copy()
 
 
+# README's hand-picked pipeline (bench/search.py and bench/compress.py): K-prune at 0.3 of the FLOPs, the demo's distilled
+# recovery, then int8
+HAND_PICKED = {"flops": 0.3, "steps": 60, "learning_rate": 5e-5, "warmup_ratio": 0.1}
+
+
+def hand_picked(base, train, tokenizer, calibration, *, steps: int = HAND_PICKED["steps"], search: dict | None = None,
+                commit: bool = False, lower: dict | None = None) -> dict:
+    """The hand-picked pipeline on ``base``: ``{"pruned": after K-prune, "recovered": after the recovery, "lowered": int8}``.
+
+    ``search``: K-prune's options beside its method and FLOPs (compress.py calibrates on
+    2048 examples); ``commit``: fold the masks into the weights before lowering, as the
+    demo does (search.py); ``lower``: the ``lower`` pass's options beside int8.
+    """
+    import graphprune
+    from graphprune.ir.masks import commit_masks
+
+    options = {"method": "kprune", "flops": HAND_PICKED["flops"], "progress": False, **(search or {})}
+    pruned, _ = graphprune.run_pass(base, "structured_search", options, data=calibration)
+    recovered = pruned.copy()  # the caller may use the K-pruned graph as it was before the recovery
+    graphprune.finetune(recovered, train, tokenizer, teacher=base, max_steps=steps, learning_rate=HAND_PICKED["learning_rate"],
+                        warmup_ratio=HAND_PICKED["warmup_ratio"], progress=False)
+    if commit:
+        commit_masks(recovered)
+    lowered, _ = graphprune.run_pass(recovered, "lower", {"precision": "int8", **(lower or {})}, data=calibration)
+    return {"pruned": pruned, "recovered": recovered, "lowered": lowered}
+
+
 class Bench:
     """One benchmark run: where it writes, the machine, the model and data it starts from, and its claims."""
 
@@ -174,6 +201,31 @@ class Bench:
         import graphprune
 
         return tiny_graph(seed) if self.smoke else graphprune.trace(self.large_model(seed))
+
+    def user_files(self, folder: Path) -> tuple[dict, dict]:
+        """The baseline as a checkpoint with its tokenizer folder, the splits as CSVs: a job's ``[model]`` and ``[data]`` tables.
+
+        What ``graphprune search`` and ``compress`` read in a smoke run, where there is no
+        cached baseline to name; the labels are written as the checkpoint's label strings.
+        """
+        import csv
+
+        from graphprune.app.export.artefact import label_names
+
+        folder = Path(folder)
+        graph = self.baseline().copy()
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        graph.source["tokenizer"] = str(folder / "tokenizer")  # load_tokenizer reads a folder path
+        graph.save(folder / "model")
+        names = list(label_names(graph))
+        data = {"columns": {"text": "review", "label": "sentiment"}}
+        for split, dataset in self.splits.items():
+            data[split] = str(folder / f"{split}.csv")
+            with open(data[split], "w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["review", "sentiment"])
+                writer.writerows((text, names[label]) for text, label in zip(dataset.texts, dataset.labels))
+        return {"checkpoint": str(folder / "model")}, data
 
     def calibration(self, data=None, **options):
         """Calibration batches from the training split (or ``data``)."""

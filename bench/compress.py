@@ -22,13 +22,15 @@ Writes ``bench/results/compress.json`` as it goes, both runs' ``report.html`` be
 
 Run: ``python bench/compress.py`` (70 minutes on 2 cores with the baseline cached: two
 30-minute budgets, the hand-picked pipeline, the served timing and the BBC fine-tune),
-``--smoke`` (minutes: small data files, a 4-minute budget, a tiny space; meaningless numbers)
-or ``--plot`` (only ``compress.png`` again, from the JSON).
+``--smoke [--out DIR]`` (the tiny BERT saved as a checkpoint with its tokenizer folder, the
+snippets as CSVs, two trials of a tiny space, the hand-picked pipeline without AOTInductor,
+neither the served timing nor BBC News: under a minute, meaningless numbers) or ``--plot``
+(only ``compress.png`` again, from the JSON in ``--out``).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -41,29 +43,24 @@ from graphprune.app.compress.run import compress
 from graphprune.app.compress.spec import make_spec
 from graphprune.app.workflow import shape_batch
 from graphprune.ir.errors import CheckpointError
-from graphprune.training.baseline import RECIPE, baseline_path, cache_dir, load_baseline
-from graphprune.training.calibration import CalibrationData
+from graphprune.training.baseline import RECIPE, baseline_path, cache_dir
 from graphprune.training.data import load_dataset
-from graphprune.training.models import load_minilm, load_tokenizer
+from graphprune.training.models import load_minilm
 from graphprune.ir.tracing import trace
-from report import machine as describe_machine, machine_line, save_figure, table, write_json  # bench/report.py
+from common import RESULTS, Bench, arguments, hand_picked as hand_picked_pipeline, log, save_figure, table, write_json  # bench/common.py
 from served import time_served  # bench/served.py
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"8x128": (8, 128), "1x64": (1, 64)}
 CALLS = {"8x128": 60, "1x64": 300}
-HAND_PICKED = {"flops": 0.3, "num_samples": 2048, "steps": 60, "learning_rate": 5e-5}
+HAND_PICKED_SAMPLES = 2048  # K-prune's calibration examples in the hand-picked pipeline (bench/common.py's hand_picked)
 BBC_RECIPE = {**RECIPE, "max_length": 128}
 AGREE = 0.10
 # --smoke: the default space's shape with tiny calibration and recovery, so a trial takes seconds
 SMOKE_SPACE = {"passes": [{"name": "structured_search", "optional": True, "method": "kprune", "flops": {"choice": [0.3, 0.5]}, "num_samples": 64,
                            "score_samples": 32, "reconstruct_samples": 64, "progress": False},
-                          {"name": "lower", "activations": {"choice": ["static", "dynamic"]}, "num_samples": 32}],
+                          # uncompiled: inductor spends tens of seconds even on the tiny BERT
+                          {"name": "lower", "activations": {"choice": ["static", "dynamic"]}, "num_samples": 32, "compile": False}],
                "finetune": {"distill": True, "max_steps": {"choice": [0, 2]}, "batch_size": 8}}
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 def bbc_model(cache: Path, recipe: dict) -> Path:
@@ -88,24 +85,29 @@ def bbc_model(cache: Path, recipe: dict) -> Path:
     return folder
 
 
-def hand_picked(base, splits, tokenizer, work: Path, smoke: bool) -> dict:
-    """K-prune 0.3 + the demo's recovery + int8, in each runtime compress may pick: name -> folder."""
-    options = {"method": "kprune", "flops": HAND_PICKED["flops"], "num_samples": 64 if smoke else HAND_PICKED["num_samples"], "progress": False}
-    calibration = CalibrationData(splits["train"], tokenizer)
-    graph, _ = graphprune.run_pass(base, "structured_search", options, data=calibration)
-    graphprune.finetune(graph, splits["train"], tokenizer, teacher=base, max_steps=2 if smoke else HAND_PICKED["steps"],
-                        learning_rate=HAND_PICKED["learning_rate"], warmup_ratio=0.1, progress=False)
-    lowered, _ = graphprune.run_pass(graph, "lower", {"precision": "int8"}, data=calibration)
+def hand_picked(bench: Bench, base, work: Path) -> dict:
+    """K-prune 0.3 + the demo's recovery + int8, in each runtime compress may pick: name -> folder.
+
+    A smoke run leaves AOTInductor out: its export alone takes longer than the rest of the smoke run's pipeline.
+    """
+    tokenizer, calibration = bench.tokenizer, bench.calibration()
+    search = {"num_samples": 64, "score_samples": 32, "reconstruct_samples": 64} if bench.smoke else {"num_samples": HAND_PICKED_SAMPLES}
+    made = hand_picked_pipeline(base, bench.splits["train"], tokenizer, calibration, steps=bench.pick(60, 2), search=search,
+                                lower=bench.lower_options)
+    graph, lowered = made["recovered"], made["lowered"]
     folders = {"hand-picked torch int8": work / "hand_torch", "hand-picked aoti int8": work / "hand_aoti",
                "hand-picked ort int8 dynamic": work / "hand_ort_dynamic", "hand-picked ort int8 static": work / "hand_ort_static"}
     lowered.save(folders["hand-picked torch int8"])
-    lowered.export(folders["hand-picked aoti int8"], format="aoti", tokenizer=tokenizer)
+    if bench.smoke:
+        del folders["hand-picked aoti int8"]
+    else:
+        lowered.export(folders["hand-picked aoti int8"], format="aoti", tokenizer=tokenizer)
     graph.export(folders["hand-picked ort int8 dynamic"], format="onnx", quantize="dynamic", tokenizer=tokenizer)
     graph.export(folders["hand-picked ort int8 static"], format="onnx", quantize="static", tokenizer=tokenizer, data=calibration)
     return folders
 
 
-def served_rows(result: dict, out: Path, base_folder: Path, extra: dict, validation, tokenizer, work: Path, smoke: bool) -> dict:
+def served_rows(result: dict, out: Path, base_folder: Path, extra: dict, validation, tokenizer, work: Path) -> dict:
     """Each model in its own process, in turns, at each shape: ``{shape: {name: ms}}``."""
     refs = out / "dense_references"
     folders = {"chosen": out / "artefact", "dense eager fp32": base_folder, "dense aoti fp32": refs / "dense_aoti_fp32",
@@ -113,7 +115,7 @@ def served_rows(result: dict, out: Path, base_folder: Path, extra: dict, validat
     timed = {}
     for shape, (batch, length) in SHAPES.items():
         inputs = {k: v.numpy() for k, v in shape_batch(validation, tokenizer, batch_size=batch, length=length).items()}
-        calls = 6 if smoke else CALLS[shape]
+        calls = CALLS[shape]
         timed[shape] = time_served(folders, inputs, calls, per_turn=3 if shape == "8x128" else 10, threads=torch.get_num_threads(), work=work)
         log(f"  served at {shape}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in timed[shape].items()))
     return timed
@@ -140,60 +142,60 @@ def shares(result: dict, timed: dict) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="small data, a 4-minute budget, a tiny space (minutes; meaningless numbers)")
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__)
     parser.add_argument("--time", default="30m", help="each compress run's budget (default 30m)")
-    parser.add_argument("--plot", action="store_true", help="only draw compress.png again from bench/results/compress.json")
-    args = parser.parse_args()
+    parser.add_argument("--plot", action="store_true", help="only draw compress.png again from compress.json in --out (default bench/results)")
+    args = parser.parse_args(argv)
     if args.plot:
-        plot(__import__("json").loads((RESULTS / "compress.json").read_text()), RESULTS / "compress.png")
+        folder = args.out or RESULTS
+        plot(json.loads((folder / "compress.json").read_text()), folder / "compress.png")
         return
-    started = time.perf_counter()
-    machine = describe_machine()
-    log(machine_line(machine))
-    results_dir = Path(tempfile.mkdtemp(prefix="compress-smoke-")) if args.smoke else RESULTS
+    bench = Bench(args)
     work = Path(tempfile.mkdtemp(prefix="compress-bench-"))
-    budget = "4m" if args.smoke else args.time
-    results = {"machine": machine, "budget": budget, "targets": {}, "runs": {}}
-    path = results_dir / "compress.json"
-    tokenizer = load_tokenizer("minilm")
-    base = load_baseline()
-    splits = load_dataset("rotten_tomatoes")
-    runs = {"rt": ({"checkpoint": str(baseline_path())}, {"name": "rotten_tomatoes"})}
-    for name, (model, data) in runs.items():
+    budget = bench.pick(args.time, "2m")
+    results = {"machine": bench.machine, "budget": budget, "targets": {}, "runs": {}}
+    path = bench.out / "compress.json"
+    tokenizer, base, splits = bench.tokenizer, bench.baseline(), bench.splits
+    # a smoke run has no cached baseline to name: the tiny BERT and its snippets go to compress as a user's files
+    model, data = bench.user_files(work / "inputs") if bench.smoke else ({"checkpoint": str(baseline_path())}, {"name": "rotten_tomatoes"})
+    smoke = {"narrowing": SMOKE_SPACE, "trials": 2} if bench.smoke else {}
+    for name in ("rt",):
         log(f"\ngraphprune compress {model} --data {data} --max-drop 1 --time {budget}")
-        spec = make_spec(model, data, max_drop=1.0, time=budget, out=work / f"compress_{name}", narrowing=SMOKE_SPACE if args.smoke else None)
+        spec = make_spec(model, data, max_drop=1.0, time=budget, out=work / f"compress_{name}", **smoke)
         result = compress(spec, progress=False, log=log)
-        shutil.copy(work / f"compress_{name}" / "report.html", results_dir / f"compress_{name}_report.html")
+        shutil.copy(work / f"compress_{name}" / "report.html", bench.out / f"compress_{name}_report.html")
         results["runs"][name] = {"compress": {k: v for k, v in result.items() if k != "trials"}, "trials": result["trials"]}
-        write_json(path, results)
+        write_json(path, results)  # as it goes; bench.write adds the claims at the end
     log("\nhand-picked pipeline (K-prune 0.3 + 60 distilled steps + int8) in every runtime")
-    hand = hand_picked(base, splits, tokenizer, work, args.smoke)
-    base_folder = baseline_path()
+    hand = hand_picked(bench, base, work)
+    base_folder = Path(model["checkpoint"])
     rt = results["runs"]["rt"]
-    if rt["compress"]["chosen"] is not None:
-        timed = served_rows(rt["compress"], work / "compress_rt", base_folder, hand, splits["validation"], tokenizer, work, args.smoke)
+    # the served timing starts a process per model and shape (seconds of imports each, a minute in all): a smoke run leaves it out
+    if rt["compress"]["chosen"] is not None and not bench.smoke:
+        timed = served_rows(rt["compress"], work / "compress_rt", base_folder, hand, splits["validation"], tokenizer, work)
         rt["served_ms"], rt["speedups"], rt["shares"] = timed, speedups(timed, list(hand)), shares(rt["compress"], timed)
         log(table(rt["shares"], ["shape", "reference", "served_ms", "one_process_ms", "agree"], 2))
     write_json(path, results)
-    log("\nBBC News: MiniLM fine-tuned on it, then graphprune compress with the same defaults")
-    bbc = bbc_model(cache_dir(), {**BBC_RECIPE, "max_steps": 3, "batch_size": 8} if args.smoke else BBC_RECIPE)
-    spec = make_spec({"checkpoint": str(bbc)}, {"name": "bbc_news"}, max_drop=1.0, time=budget, out=work / "compress_bbc",
-                     narrowing=SMOKE_SPACE if args.smoke else None)
-    result = compress(spec, progress=False, log=log)
-    shutil.copy(work / "compress_bbc" / "report.html", results_dir / "compress_bbc_report.html")
-    results["runs"]["bbc"] = {"compress": {k: v for k, v in result.items() if k != "trials"}, "trials": result["trials"]}
-    if result["chosen"] is not None:
-        bbc_splits = load_dataset("bbc_news")
-        timed = served_rows(result, work / "compress_bbc", bbc, {}, bbc_splits["validation"], tokenizer, work, args.smoke)
-        results["runs"]["bbc"].update({"served_ms": timed, "speedups": speedups(timed, [])})
+    if not bench.smoke:  # BBC News is the same compress call on a MiniLM fine-tuned on real data: a smoke run has neither
+        log("\nBBC News: MiniLM fine-tuned on it, then graphprune compress with the same defaults")
+        bbc = bbc_model(cache_dir(), BBC_RECIPE)
+        spec = make_spec({"checkpoint": str(bbc)}, {"name": "bbc_news"}, max_drop=1.0, time=budget, out=work / "compress_bbc")
+        result = compress(spec, progress=False, log=log)
+        shutil.copy(work / "compress_bbc" / "report.html", bench.out / "compress_bbc_report.html")
+        results["runs"]["bbc"] = {"compress": {k: v for k, v in result.items() if k != "trials"}, "trials": result["trials"]}
+        if result["chosen"] is not None:
+            bbc_splits = load_dataset("bbc_news")
+            timed = served_rows(result, work / "compress_bbc", bbc, {}, bbc_splits["validation"], tokenizer, work)
+            results["runs"]["bbc"].update({"served_ms": timed, "speedups": speedups(timed, [])})
     results["targets"] = targets(results)
-    results["seconds"] = round(time.perf_counter() - started)
-    write_json(path, results)
-    plot(results, path.with_suffix(".png"))
+    results["seconds"] = round(bench.seconds())
     for key, target in results["targets"].items():
-        log(f"{key}: {target['value']} (target {target['target']}): {'met' if target['met'] else 'NOT met'}")
+        value, bound = target["value"], target["target"]
+        at_most = isinstance(bound, str) and bound.startswith("<=")
+        bench.claim(key, value, float(bound[2:]) if at_most else bound, at_most=at_most, met=target["met"], unit="" if "drop" in key or "share" in key else "x")
+    bench.write("compress.json", results)
+    plot(results, path.with_suffix(".png"))
     log(f"\n{path} ({results['seconds']} s)")
 
 

@@ -15,13 +15,13 @@ Runtime int8 (the peer), export time. The CPU and its flags first. Writes
 ``bench/results/deploy.json`` and ``bench/results/deploy.png`` (accuracy against
 measured speed-up, the Pareto front marked).
 
-Run: ``python bench/deploy.py [--quick]`` (``--quick``: one budget, 300 test
-snippets, few steps; a smoke run, not the benchmark's numbers).
+Run: ``python bench/deploy.py [--quick] [--smoke] [--out DIR]`` (``--quick``: one budget,
+300 test snippets, few steps; ``--smoke``: the tiny BERT, one budget, torch eager, ``lower``
+int8 and ONNX Runtime int8 dynamic only, seconds; neither gives the benchmark's numbers).
 """
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -32,25 +32,19 @@ import torch
 import graphprune
 from graphprune.app.export import load_artefact
 from graphprune.ir.runtime import compile_module
-from graphprune.training.baseline import load_baseline
 from graphprune.training.batches import make_batches
-from graphprune.training.calibration import CalibrationData
-from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_tokenizer
 from graphprune.training.timing import time_interleaved
-from report import machine as describe_machine, machine_line, save_figure, table, write_json  # bench/report.py
+from common import Bench, arguments, log, machine_line, save_figure, table  # bench/common.py
 
-RESULTS = Path(__file__).resolve().parent / "results"
 BUDGETS = (0.5, 0.4, 0.3)
 RECOVERY_STEPS = 60
 SHAPES = {"b8x128": (8, 128), "b1x64": (1, 64)}
 RUNTIMES = ("torch eager fp32", "torch compiled fp32", "lower int8", "aoti fp32", "aoti int8", "ort fp32", "ort int8 dynamic", "ort int8 static")
+# a smoke run's runtimes: the compiled and AOTInductor ones spend tens of seconds in inductor even on the tiny BERT,
+# and each further ONNX export is checked in a fresh process
+SMOKE_RUNTIMES = ("torch eager fp32", "lower int8", "ort int8 dynamic")
 PEER = ("dense", "ort int8 dynamic")
 REFERENCE = ("dense", "torch eager fp32")
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 def shape_inputs(test, tokenizer) -> dict[str, dict]:
@@ -75,14 +69,15 @@ def predictions(run, batches) -> np.ndarray:
     return np.concatenate([run({k: v for k, v in b.items() if k != "labels"}).argmax(-1) for b in batches])
 
 
-def runtimes_of(model: str, graph, calibration, folder: Path) -> dict:
-    """Each runtime of one model: ``{name: (runner, file bytes, export seconds)}``."""
+def runtimes_of(model: str, graph, calibration, folder: Path, wanted=RUNTIMES, lower: dict | None = None) -> dict:
+    """Each runtime of one model (those ``wanted``): ``{name: (runner, file bytes, export seconds)}``."""
     found = {"torch eager fp32": (graph_runner(graph), None, 0.0)}
-    compiled = graph.copy(share_tensors=True)
-    compile_module(compiled.module, freezing=False, no_grad=True)
-    found["torch compiled fp32"] = (graph_runner(compiled), None, 0.0)
+    if "torch compiled fp32" in wanted:
+        compiled = graph.copy(share_tensors=True)
+        compile_module(compiled.module, freezing=False, no_grad=True)
+        found["torch compiled fp32"] = (graph_runner(compiled), None, 0.0)
     started = time.perf_counter()
-    lowered, info = graphprune.run_pass(graph, "lower", {"precision": "int8"}, data=calibration)
+    lowered, info = graphprune.run_pass(graph, "lower", {"precision": "int8", **(lower or {})}, data=calibration)
     found["lower int8"] = (graph_runner(lowered), info["weight_bytes"], time.perf_counter() - started)
     exports = {
         "aoti fp32": (graph, {"format": "aoti"}),
@@ -92,6 +87,8 @@ def runtimes_of(model: str, graph, calibration, folder: Path) -> dict:
         "ort int8 static": (graph, {"format": "onnx", "quantize": "static", "data": calibration}),
     }
     for name, (source, options) in exports.items():
+        if name not in wanted:
+            continue
         target = folder / f"{model}-{name.replace(' ', '-')}"
         manifest = source.export(target, **options)
         note = (manifest.get("optimizer") or {}).get("reason") or ""
@@ -101,7 +98,7 @@ def runtimes_of(model: str, graph, calibration, folder: Path) -> dict:
     return found
 
 
-def measure(model: str, graph, runtimes: dict, batches, labels, inputs, references: dict) -> list[dict]:
+def measure(model: str, graph, runtimes: dict, batches, labels, inputs, references: dict, iters: dict) -> list[dict]:
     rows, preds = [], {}
     for name, (run, size, seconds) in runtimes.items():
         preds[name] = predictions(run, batches)
@@ -115,7 +112,7 @@ def measure(model: str, graph, runtimes: dict, batches, labels, inputs, referenc
         if model != REFERENCE[0]:  # the dense model's own rows are the references
             calls.update({f"ref:{key}": (lambda run=run, given=given: run(given)) for key, run in references.items()})
         with torch.no_grad():
-            ms = time_interleaved(calls, iters=15 if shape == "b8x128" else 40, warmup=3)
+            ms = time_interleaved(calls, iters=iters[shape], warmup=3)
         eager, peer = (ms[REFERENCE[1]], ms[PEER[1]]) if model == REFERENCE[0] else (ms["ref:eager"], ms["ref:peer"])
         for row in rows:
             row[f"ms_{shape}"] = ms[row["runtime"]]
@@ -146,6 +143,8 @@ def plot(rows: list[dict], path: Path, dense_accuracy: float) -> None:
         key = f"vs_eager_{shape}"
         for runtime in RUNTIMES:
             points = [(r[key], r["accuracy"]) for r in rows if r["runtime"] == runtime]
+            if not points:  # a runtime a smoke run leaves out
+                continue
             ax.scatter(*zip(*points), marker=markers[runtime], label=runtime, s=36)
         front = sorted((r[key], r["accuracy"]) for r in pareto(rows, key))
         ax.plot(*zip(*front), color="black", linewidth=1, linestyle="--", label="Pareto front")
@@ -160,36 +159,32 @@ def plot(rows: list[dict], path: Path, dense_accuracy: float) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: one budget, 300 test snippets, 10 steps")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    machine = describe_machine()
-    log(machine_line(machine))
-    base = load_baseline()
-    tokenizer = load_tokenizer("minilm")
-    splits = load_rotten_tomatoes()
+def main(argv: list[str] | None = None) -> None:
+    args = arguments(__doc__, quick="a shorter run: one budget, 300 test snippets, 10 steps").parse_args(argv)
+    bench = Bench(args)
+    machine, base, tokenizer, splits = bench.machine, bench.baseline(), bench.tokenizer, bench.splits
     test = splits["test"].subset(300) if args.quick else splits["test"]
-    calibration = CalibrationData(splits["train"], tokenizer)
+    calibration = bench.calibration()
     batches = list(make_batches(test, tokenizer, batch_size=64, max_length=64))
     labels = np.concatenate([b["labels"].numpy() for b in batches])
     inputs = shape_inputs(splits["test"], tokenizer)
-    budgets, steps = ((0.4,), 10) if args.quick else (BUDGETS, RECOVERY_STEPS)
+    budgets, steps = ((0.4,), bench.pick(10, 2)) if args.quick or bench.smoke else (BUDGETS, RECOVERY_STEPS)
+    samples = bench.pick({"num_samples": 1024}, {"num_samples": 32, "score_samples": 16, "reconstruct_samples": 32})
+    wanted, iters = bench.pick(RUNTIMES, SMOKE_RUNTIMES), bench.pick({"b8x128": 15, "b1x64": 40}, {"b8x128": 2, "b1x64": 3})
     models = {"dense": base}
     for keep in budgets:
-        pruned, info = graphprune.run_pass(base, "structured_search", {"method": "kprune", "flops": keep, "num_samples": 1024, "progress": False}, data=calibration)
+        pruned, info = graphprune.run_pass(base, "structured_search", {"method": "kprune", "flops": keep, "progress": False, **samples}, data=calibration)
         graphprune.finetune(pruned, splits["train"], tokenizer, teacher=base, max_steps=steps, learning_rate=5e-5, warmup_ratio=0.1, progress=False)
         models[f"kprune {keep}"] = pruned
         log(f"kprune {keep}: searched in {info['seconds']} s, FLOPs ratio {info['flops_ratio']:.3f}, recovered {steps} steps")
     rows = []
     with tempfile.TemporaryDirectory(prefix="graphprune-deploy-") as tmp:
-        dense_runtimes = runtimes_of("dense", base, calibration, Path(tmp))
+        dense_runtimes = runtimes_of("dense", base, calibration, Path(tmp), wanted, bench.lower_options)
         # every model's runtimes are timed interleaved with these two, so that each ratio is side by side
         references = {"eager": dense_runtimes[REFERENCE[1]][0], "peer": dense_runtimes[PEER[1]][0]}
         for model, graph in models.items():
-            found = dense_runtimes if model == "dense" else runtimes_of(model, graph, calibration, Path(tmp))
-            rows += measure(model, graph, found, batches, labels, inputs, references)
+            found = dense_runtimes if model == "dense" else runtimes_of(model, graph, calibration, Path(tmp), wanted, bench.lower_options)
+            rows += measure(model, graph, found, batches, labels, inputs, references, iters)
             log(table([r for r in rows if r["model"] == model], ["model", "runtime", "accuracy", "size_mb", "ms_b8x128", "vs_eager_b8x128", "vs_peer_b8x128", "ms_b1x64", "vs_eager_b1x64", "vs_peer_b1x64"], digits=3))
     dense_accuracy = next(r["accuracy"] for r in rows if (r["model"], r["runtime"]) == REFERENCE)
     for row in rows:
@@ -202,24 +197,26 @@ def main() -> None:
     log(table(rows, columns, digits=3))
     targets = evaluate_targets(rows, dense_accuracy)
     for name, target in targets.items():
-        log(f"target {name}: {target['value']} (target {target['target']}) {'met' if target['met'] else 'NOT met'}")
+        lower = target.get("lower_is_better", False)
+        bench.claim(name, target["value"], target["target"], at_most=lower, met=target["met"],
+                    **({"artefact": target["artefact"]} if "artefact" in target else {}))
     results = {"machine": machine, "test_examples": int(len(labels)), "recovery_steps": steps, "dense_accuracy": dense_accuracy,
-               "shapes": SHAPES, "rows": rows, "targets": targets, "seconds": round(time.perf_counter() - start)}
+               "shapes": SHAPES, "rows": rows, "targets": targets, "seconds": round(bench.seconds())}
     suffix = "_quick" if args.quick else ""
-    write_json(RESULTS / f"deploy{suffix}.json", results)
-    plot(rows, RESULTS / f"deploy{suffix}.png", dense_accuracy)
-    log(f"wrote {RESULTS / f'deploy{suffix}.json'} and .png ({results['seconds']} s)")
+    path = bench.write(f"deploy{suffix}.json", results)
+    plot(rows, bench.out / f"deploy{suffix}.png", dense_accuracy)
+    log(f"wrote {path} and .png ({results['seconds']} s)")
 
 
 def evaluate_targets(rows: list[dict], dense_accuracy: float) -> dict:
     fp32 = [r for r in rows if "same_predictions" in r and r["runtime"] in ("aoti fp32", "ort fp32")]
     int8 = [r for r in rows if "int8" in r["runtime"] and r["runtime"] != "lower int8"]
     within = [r for r in rows if r["accuracy"] >= dense_accuracy - 0.01]
+    fp32_file = next((r["size_mb"] for r in rows if (r["model"], r["runtime"]) == ("dense", "ort fp32")), None)  # None: not run (--smoke)
     targets = {
         "fp32_artefacts_identical_predictions": {"value": sum(r["same_predictions"] for r in fp32), "target": len(fp32)},
         "int8_artefacts_worst_drop_vs_fp32_source_points": {"value": max(r["drop_vs_source_points"] for r in int8), "target": 0.5, "lower_is_better": True},
-        "int8_onnx_file_share_of_fp32": {"value": round(next(r["size_mb"] for r in rows if (r["model"], r["runtime"]) == PEER)
-                                                       / next(r["size_mb"] for r in rows if (r["model"], r["runtime"]) == ("dense", "ort fp32")), 3),
+        "int8_onnx_file_share_of_fp32": {"value": fp32_file and round(next(r["size_mb"] for r in rows if (r["model"], r["runtime"]) == PEER) / fp32_file, 3),
                                          "target": 0.30, "lower_is_better": True},
     }
     for shape in SHAPES:
@@ -228,7 +225,8 @@ def evaluate_targets(rows: list[dict], dense_accuracy: float) -> dict:
         targets[f"fastest_within_1pt_vs_eager_{shape}"] = {"value": round(fastest[f"vs_eager_{shape}"], 2), "target": 4.0, "artefact": label}
         targets[f"fastest_within_1pt_vs_ort_int8_{shape}"] = {"value": round(fastest[f"vs_peer_{shape}"], 2), "target": 2.0, "artefact": label}
     for target in targets.values():
-        better = target["value"] <= target["target"] if target.get("lower_is_better") else target["value"] >= target["target"]
+        value = target["value"]
+        better = value is not None and (value <= target["target"] if target.get("lower_is_better") else value >= target["target"])
         target["met"] = bool(better)
     return targets
 

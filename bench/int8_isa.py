@@ -18,8 +18,9 @@ how far that reference is from fp32, and latency at batch 8 x 128 and batch 1 x 
 against fp32 eager and fp32 compiled (interleaved medians). A Zen 5 capped at AVX2 is not
 a Zen 3 (clocks, caches, MKL's code paths differ): absolute times are this machine's.
 
-Run: ``python bench/int8_isa.py [--isas DEFAULT AVX2 AVX512_CORE] [--quick]``; writes
-``bench/results/int8_isa.json`` and ``int8_isa.png``.
+Run: ``python bench/int8_isa.py [--isas DEFAULT AVX2 AVX512_CORE] [--quick] [--smoke] [--out DIR]``; writes
+``bench/results/int8_isa.json`` and ``int8_isa.png`` (``--smoke``: the tiny BERT, uncompiled, in this process at the
+uncapped ISA only; seconds, meaningless numbers).
 """
 
 from __future__ import annotations
@@ -29,12 +30,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from report import machine, machine_line, save_figure, table, write_json  # bench/report.py: this script runs from bench/
+from common import Bench, arguments, log, machine_line, save_figure, table, write_json  # bench/common.py: this script runs from bench/
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CAPS = {  # ONEDNN_MAX_CPU_ISA -> the MKL and ATen caps of a CPU that tops out there
     "DEFAULT": {},
     "AVX2": {"MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"},
@@ -42,54 +41,44 @@ CAPS = {  # ONEDNN_MAX_CPU_ISA -> the MKL and ATen caps of a CPU that tops out t
 }
 
 
-def log(*args):
-    print(*args, flush=True)
-
-
-def measure(quick: bool) -> dict:
+def measure(bench: Bench, quick: bool) -> dict:
     """One ISA's rows, in this process (its caps already in the environment)."""
     import torch
 
     import graphprune
     from graphprune.ir import cpu
-    from graphprune.ir.runtime import compile_module
-    from graphprune.training.baseline import load_baseline
-    from graphprune.training.calibration import CalibrationData
-    from graphprune.training.data import load_rotten_tomatoes
-    from graphprune.training.models import load_tokenizer
     from quantize import latency_inputs, timings  # bench/quantize.py: the same latency batches and timings
 
-    base = load_baseline()
-    tokenizer = load_tokenizer("minilm")
-    splits = load_rotten_tomatoes()
+    base, tokenizer, splits = bench.baseline(), bench.tokenizer, bench.splits
     test = splits["test"].subset(300) if quick else splits["test"]
-    calibration = CalibrationData(splits["train"], tokenizer)
+    calibration = bench.calibration()
     lat8, lat1 = latency_inputs(splits["test"], tokenizer, 8, 128), latency_inputs(splits["test"], tokenizer, 1, 64)
     probe = dict(tokenizer(splits["test"].texts[:256], padding=True, truncation=True, max_length=64, return_tensors="pt"))
-    iters = (3, 10) if quick else (15, 40)
+    count = len(probe["input_ids"])  # 256 (a smoke run's test split holds fewer)
+    iters = bench.pick((3, 10) if quick else (15, 40), (1, 2))
 
     def accuracy(graph) -> float:
         return graphprune.evaluate(graph, test, tokenizer, progress=False)["accuracy"]
 
     def logits(graph):
         with torch.no_grad():
-            return torch.cat([graph.module(**{k: v[i:i + 32] for k, v in probe.items()}).logits for i in range(0, 256, 32)])
+            return torch.cat([graph.module(**{k: v[i:i + 32] for k, v in probe.items()}).logits for i in range(0, count, 32)])
 
     def latency(graph, eager, compiled) -> dict:
         return timings(graph, eager, compiled, lat8, lat1, iters)
 
     fp32_logits = logits(base)
     compiled = base.copy()
-    compile_module(compiled.module)
+    bench.compile(compiled.module)
     rows = [{"method": "fp32 eager", "accuracy": accuracy(base)}]
     rows.append({"method": "fp32 compiled", "accuracy": accuracy(compiled), **latency(compiled, base, compiled)})
     log(f"  {rows[-1]}")
     auto = cpu.int8_scheme()
     for activations in ("static", "dynamic"):
-        for scheme in cpu.SCHEMES:
-            config = {"activations": activations, "scheme": scheme, "num_samples": 256}
+        for scheme in [auto] if bench.smoke else cpu.SCHEMES:  # a smoke run: the scheme lower picks here, only
+            config = {"activations": activations, "scheme": scheme, "num_samples": bench.pick(256, 32)}
             reference, _ = graphprune.run_pass(base, "lower", {**config, "compile": False}, data=calibration)
-            fast, info = graphprune.run_pass(base, "lower", config, data=calibration)
+            fast, info = graphprune.run_pass(base, "lower", {**config, **bench.lower_options}, data=calibration)
             ref_logits, fast_logits = logits(reference), logits(fast)
             rms = lambda a, b: ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()  # noqa: E731
             row = {
@@ -109,7 +98,7 @@ def measure(quick: bool) -> dict:
     dense = rows[0]["accuracy"]
     for r in rows:
         r["drop_points"] = round((dense - r["accuracy"]) * 100, 2)
-    return {"machine": machine(), "isa": cpu.onednn_isa(), "auto_scheme": auto, "test_examples": len(test), "rows": rows}
+    return {"machine": bench.machine, "isa": cpu.onednn_isa(), "auto_scheme": auto, "test_examples": len(test), "rows": rows}
 
 
 def compare(runs: list[dict]) -> dict:
@@ -123,7 +112,8 @@ def compare(runs: list[dict]) -> dict:
     for run in runs:
         for r in run["rows"]:
             key = r["method"].replace(" (auto)", "")
-            if "scheme" in r and key in base:
+            # a smoke run's kernels are the reference itself (uncompiled): nothing to divide by
+            if "scheme" in r and key in base and base[key]["kernel_vs_reference_rms"]:
                 out[f"{run['cap']} {key}"] = round(r["kernel_vs_reference_rms"] / base[key]["kernel_vs_reference_rms"], 2)
     return out
 
@@ -151,18 +141,19 @@ def plot(runs: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__, quick="a shorter run: 300 test snippets, few timing iterations")
     parser.add_argument("--isas", nargs="+", default=list(CAPS), choices=sorted(CAPS), help="ONEDNN_MAX_CPU_ISA values (default all three)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 300 test snippets, few timing iterations")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    bench = Bench(args, announce=not args.child)
     if args.child:
-        print("RESULT " + json.dumps(measure(args.quick)), flush=True)
+        print("RESULT " + json.dumps(measure(bench, args.quick)), flush=True)
         return
-    start = time.perf_counter()
     runs = []
-    for cap in args.isas:
+    if bench.smoke:  # the uncapped ISA only, in this process: the caps need a fresh process each (oneDNN reads them once)
+        runs.append({"cap": "DEFAULT", **measure(bench, quick=True)})
+    for cap in [] if bench.smoke else args.isas:
         env = {**os.environ, **CAPS[cap], "ONEDNN_MAX_CPU_ISA": cap}
         log(f"\n== ONEDNN_MAX_CPU_ISA={cap} {' '.join(f'{k}={v}' for k, v in CAPS[cap].items())} (a fresh process)")
         child = subprocess.Popen([sys.executable, __file__, "--child"] + (["--quick"] if args.quick else []), env=env,
@@ -176,8 +167,8 @@ def main() -> None:
         if child.wait() != 0 or result is None:
             raise SystemExit(f"the run at ONEDNN_MAX_CPU_ISA={cap} failed (exit {child.returncode})")
         runs.append({"cap": cap, **result})
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"int8_isa{'_quick' if args.quick else ''}.json", {"runs": runs})  # the raw rows, before any summary
+    suffix = "_quick" if args.quick else ""
+    write_json(bench.out / f"int8_isa{suffix}.json", {"runs": runs})  # the raw rows, before any summary
 
     columns = ["method", "exact_here", "accuracy", "drop_points", "kernel_vs_reference_max", "kernel_vs_reference_rms", "reference_vs_fp32_max",
                "ms_b8", "speedup_b8_vs_eager", "speedup_b8_vs_compiled", "speedup_b1_vs_eager", "speedup_b1_vs_compiled"]
@@ -200,18 +191,18 @@ def main() -> None:
     log("\nCompiled kernels' distance from the reference arithmetic (relative RMS), over the same with int32 accumulation "
         "(uncapped run); about 1 = as exact as VNNI, much more = saturating:")
     log("  " + ", ".join(f"{k} {v}x" for k, v in ratios.items()))
-    log("\nTargets (the scheme lower picks, per ISA)")
+    log("\nClaims (the scheme lower picks, per ISA)")
     for cap, t in targets.items():
-        log(f"  {cap}: kernels as exact as with int32 accumulation (rms ratio {t['auto_rms_vs_exact_kernels']}, <= 1.5): "
-            f"{'met' if t['auto_rms_vs_exact_kernels'] <= 1.5 else 'NOT met'}; accuracy within 0.5 points of fp32 "
-            f"(worst {t['auto_worst_drop_points']}): {'met' if t['accuracy_within_0.5pt_of_fp32'] else 'NOT met'}; best speed-up "
-            f"at batch 8 {t['best_auto_speedup_b8_vs_eager']}x vs fp32 eager, {t['best_auto_speedup_b8_vs_compiled']}x vs fp32 "
-            f"compiled; mean drop of the exact 7-bit schemes {t['mean_drop_by_exact_7bit_scheme']}")
-    suffix = "_quick" if args.quick else ""
-    plot(runs, RESULTS / f"int8_isa{suffix}.png")
-    results = {"runs": runs, "kernel_rms_vs_int32_accumulation": ratios, "targets": targets, "seconds": round(time.perf_counter() - start, 1)}
-    write_json(RESULTS / f"int8_isa{suffix}.json", results)
-    log(f"\nwrote {RESULTS / f'int8_isa{suffix}.json'} and int8_isa{suffix}.png ({results['seconds']:.0f} s)")
+        bench.claim(f"{cap}_auto_rms_vs_exact_kernels", t["auto_rms_vs_exact_kernels"], 1.5, at_most=True,
+                    words=f"{cap}: kernels' distance from the reference over the same with int32 accumulation (rms ratio)")
+        bench.claim(f"{cap}_auto_worst_drop_points", t["auto_worst_drop_points"], 0.5, at_most=True,
+                    words=f"{cap}: points lost against fp32, worst of the scheme lower picks")
+        log(f"  {cap}: best speed-up at batch 8 {t['best_auto_speedup_b8_vs_eager']}x vs fp32 eager, {t['best_auto_speedup_b8_vs_compiled']}x "
+            f"vs fp32 compiled; mean drop of the exact 7-bit schemes {t['mean_drop_by_exact_7bit_scheme']}")
+    plot(runs, bench.out / f"int8_isa{suffix}.png")
+    results = {"machine": bench.machine, "runs": runs, "kernel_rms_vs_int32_accumulation": ratios, "targets": targets, "seconds": bench.seconds()}
+    path = bench.write(f"int8_isa{suffix}.json", results)
+    log(f"\nwrote {path} and {path.with_suffix('.png').name} ({results['seconds']:.0f} s)")
 
 
 if __name__ == "__main__":

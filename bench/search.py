@@ -31,12 +31,14 @@ median of interleaved calls. Prints the tables and the target both ways (the sea
 speed-up: the front and the hand-picked points) and ``search_pareto.png`` (Optuna's plot,
 validation split).
 
-Run: ``python bench/search.py [--trials 12] [--mixed-qat-steps 0] [--no-mixed-precision] [--quick]``.
+Run: ``python bench/search.py [--trials 12] [--mixed-qat-steps 0] [--no-mixed-precision] [--quick] [--smoke] [--out DIR]``
+(``--smoke``: the tiny BERT saved as a checkpoint with its tokenizer folder, the snippets as CSVs, two trials: seconds of
+the benchmark's own code, meaningless numbers).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -46,19 +48,14 @@ import torch
 
 import graphprune
 from graphprune.infra.pipeline import run_pass
-from graphprune.ir.masks import commit_masks
-from graphprune.training.baseline import load_baseline
-from graphprune.training.calibration import CalibrationData
-from graphprune.training.data import load_rotten_tomatoes
-from graphprune.training.models import load_minilm, load_tokenizer
+from graphprune.training.models import load_minilm
 from graphprune.training.timing import compare_latency, time_interleaved
 from graphprune.app.workflow import latency_batch
+from common import Bench, arguments, hand_picked as hand_picked_pipeline, log, save_figure, table  # bench/common.py
 from learned import STRUCTURED_TRAINING  # bench/learned.py
 from mixed_precision import COLUMNS as WIDTH_COLUMNS, compare_widths, four_bit_target, sensitivity  # bench/mixed_precision.py
-from report import machine as describe_machine, machine_line, save_figure, table, write_json  # bench/report.py
 
-RESULTS = Path(__file__).resolve().parent / "results"
-DEMO_RECOVERY = {"learning_rate": 5e-5, "warmup_ratio": 0.1}  # the demo's recovery, as the demo runs it
+DEMO_STEPS = 60  # the demo's recovery (bench/common.py's hand_picked: lr 5e-5, 10% warm-up), as the demo runs it
 # the search's recovery trains like bench/learned.py's structured points (lr 1e-4 with logits and layer-wise hidden
 # distillation: K-prune and Wanda keep the teacher's hidden size), chosen there on the validation split
 RECOVERY = {**STRUCTURED_TRAINING, "warmup_ratio": 0.1}
@@ -71,21 +68,32 @@ SEARCHED_FLOPS = [0.12, 0.15, 0.2, 0.25, 0.3]
 SEARCHED_STEPS = [120, 240]
 
 
-def log(*args):
-    print(*args, flush=True)
+def toml_table(table: dict) -> str:
+    """A [model] or [data] table's lines (strings and one inline ``columns`` table; JSON strings are TOML strings)."""
+    def value(v):
+        return "{ " + ", ".join(f"{k} = {json.dumps(x)}" for k, x in v.items()) + " }" if isinstance(v, dict) else json.dumps(v)
+
+    return "\n".join(f"{k} = {value(v)}" for k, v in table.items())
 
 
-def job_text(trials: int, quick: bool) -> str:
+def job_text(trials: int, quick: bool, files: tuple[dict, dict] | None = None) -> str:
+    """The search's job; ``files`` (a smoke run's ``[model]`` and ``[data]`` tables) replace the baseline and Rotten Tomatoes."""
     samples = "num_samples = 64\nscore_samples = 32\nreconstruct_samples = 64\n" if quick else ""
-    return f"""
-[model]
+    if files:
+        inputs = f"[model]\n{toml_table(files[0])}\n\n[data]\n{toml_table(files[1])}\n\n"
+    else:
+        inputs = f"""[model]
 name = "{'minilm' if quick else 'baseline'}"
 
 [data]
 name = "rotten_tomatoes"
 {'eval_limit = 64' if quick else ''}
 {'test_limit = 64' if quick else ''}
-max_length = 64
+"""
+    # a smoke run's lowered graphs stay eager: inductor spends tens of seconds even on the tiny BERT
+    lower = "compile = false\n" if files else ""
+    return f"""
+{inputs}max_length = 64
 
 [search]
 trials = {trials}
@@ -112,41 +120,33 @@ sparsity = {{ range = [0.1, 0.5], step = 0.1 }}
 [[passes]]
 name = "lower"
 activations = {{ choice = ["static", "dynamic"] }}
-
+{lower}
 [finetune]
 distill = true
 max_steps = {{ choice = {[0, 2] if quick else SEARCHED_STEPS} }}
-learning_rate = {RECOVERY['learning_rate']}
+{'batch_size = 8' + chr(10) if files else ''}learning_rate = {RECOVERY['learning_rate']}
 warmup_ratio = {RECOVERY['warmup_ratio']}
 kd_hidden_weight = {RECOVERY['kd_hidden_weight']}
 """
 
 
-def hand_picked(base, splits, tokenizer, quick: bool) -> dict:
+def hand_picked(base, splits, tokenizer, calibration, quick: bool, lower: dict) -> dict:
     """The benchmarks' own pipelines: name -> graph."""
-    calibration = CalibrationData(splits["train"], tokenizer)
     small = {"num_samples": 64, "score_samples": 32, "reconstruct_samples": 64} if quick else {}
-    graphs = {}
-
-    def kprune(flops):
-        began = time.perf_counter()
-        graph, _ = run_pass(base, "structured_search", {"method": "kprune", "flops": flops, "progress": False, **small}, data=calibration)
-        log(f"  K-prune {flops}: {time.perf_counter() - began:.0f} s")
-        return graph
 
     def lowered(graph):
-        return run_pass(graph, "lower", {"precision": "int8"}, data=calibration)[0]
+        return run_pass(graph, "lower", {"precision": "int8", **lower}, data=calibration)[0]
 
-    k3, k5 = kprune(0.3), kprune(0.5)
-    graphs["K-prune 0.3 (structured.py)"] = k3
-    graphs["int8 static (quantize.py)"] = lowered(base)
-    graphs["K-prune 0.5 + int8 (quantize.py)"] = lowered(k5)
-    graphs["K-prune 0.3 + int8 (deploy.py)"] = lowered(k3)
-    demo = k3.copy()
-    graphprune.finetune(demo, splits["train"], tokenizer, teacher=base, max_steps=2 if quick else 60, progress=False, **DEMO_RECOVERY)
-    commit_masks(demo)
-    graphs["demo: K-prune 0.3 + 60-step recovery + int8"] = lowered(demo)
-    return graphs
+    began = time.perf_counter()
+    # the demo's pipeline (README's hand-picked one, K-prune 0.3 + recovery + int8, masks committed as the demo does)
+    demo = hand_picked_pipeline(base, splits["train"], tokenizer, calibration, steps=2 if quick else DEMO_STEPS, search=small,
+                                commit=True, lower=lower)
+    log(f"  K-prune 0.3, recovered and lowered: {time.perf_counter() - began:.0f} s")
+    began = time.perf_counter()
+    k3, (k5, _) = demo["pruned"], run_pass(base, "structured_search", {"method": "kprune", "flops": 0.5, "progress": False, **small}, data=calibration)
+    log(f"  K-prune 0.5: {time.perf_counter() - began:.0f} s")
+    return {"K-prune 0.3 (structured.py)": k3, "int8 static (quantize.py)": lowered(base), "K-prune 0.5 + int8 (quantize.py)": lowered(k5),
+            "K-prune 0.3 + int8 (deploy.py)": lowered(k3), "demo: K-prune 0.3 + 60-step recovery + int8": demo["lowered"]}
 
 
 def plot(hand_rows: list[dict], front: list[dict], dense_test: float, path: Path) -> None:
@@ -170,23 +170,20 @@ def plot(hand_rows: list[dict], front: list[dict], dense_test: float, path: Path
     plt.close(fig)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=12)
+def main(argv: list[str] | None = None) -> None:
+    parser = arguments(__doc__, quick="a shorter run (MiniLM with an untrained head, small samples); its numbers are not the benchmark's")
+    parser.add_argument("--trials", type=int, default=12, help="search trials (default 12; at most 2 with --smoke)")
     parser.add_argument("--mixed-qat-steps", type=int, default=0, help="distilled QAT steps after each mixed-precision PTQ (0: PTQ only)")
     parser.add_argument("--no-mixed-precision", action="store_true", help="skip part 4")
-    parser.add_argument("--quick", action="store_true", help="a smoke run (MiniLM with an untrained head, small samples); its numbers are not the benchmark's")
-    args = parser.parse_args()
-    start = time.perf_counter()
-    machine = describe_machine()
-    log(machine_line(machine))
-    tokenizer = load_tokenizer("minilm")
-    base = graphprune.trace(load_minilm(num_labels=2)[0]) if args.quick else load_baseline()
-    splits = load_rotten_tomatoes()
-    test = splits["test"].subset(64) if args.quick else splits["test"]
+    args = parser.parse_args(argv)
+    bench = Bench(args)
+    start, machine, tokenizer, splits = bench.started, bench.machine, bench.tokenizer, bench.splits
+    quick, trials = args.quick or bench.smoke, bench.pick(args.trials, min(args.trials, 2))  # a smoke run's sizes are the quick run's
+    base = graphprune.trace(load_minilm(num_labels=2)[0]) if args.quick and not bench.smoke else bench.baseline()
+    test = splits["test"].subset(64) if quick else splits["test"]
     inputs = latency_batch(splits["validation"], tokenizer, batch_size=8, max_length=128)  # the search's latency batch
 
-    validation = splits["validation"].subset(64) if args.quick else splits["validation"]  # the search's validation split
+    validation = splits["validation"].subset(64) if quick else splits["validation"]  # the search's validation split
 
     def accuracy(graph, data=test) -> float:
         return graphprune.evaluate(graph, data, tokenizer, progress=False)["accuracy"]
@@ -194,11 +191,11 @@ def main() -> None:
     dense_test, dense_val = accuracy(base), accuracy(base, validation)
     log(f"dense baseline: validation {dense_val:.4f}, test {dense_test:.4f}\n\n1. hand-picked pipelines")
     began = time.perf_counter()
-    graphs = hand_picked(base, splits, tokenizer, args.quick)
+    graphs = hand_picked(base, splits, tokenizer, bench.calibration(), quick, bench.lower_options)
     hand_rows = []
     with torch.no_grad():
         for name, graph in graphs.items():
-            ratio = compare_latency(graph.module, base.module, inputs, iters=3 if args.quick else 10)["ratio"]
+            ratio = compare_latency(graph.module, base.module, inputs, iters=3 if quick else 10)["ratio"]
             row = {"pipeline": name, "val_accuracy": accuracy(graph, validation), "test_accuracy": accuracy(graph), "latency": ratio, "speedup": 1 / ratio}
             row["val_drop_points"] = round((dense_val - row["val_accuracy"]) * 100, 2)
             row["drop_points"] = round((dense_test - row["test_accuracy"]) * 100, 2)
@@ -206,17 +203,17 @@ def main() -> None:
             log(f"  {name}: validation {row['val_accuracy']:.4f}, test {row['test_accuracy']:.4f}, {row['speedup']:.2f}x")
     hand_seconds = time.perf_counter() - began
 
-    log(f"\n2. the search ({args.trials} trials)")
+    log(f"\n2. the search ({trials} trials)")
     began = time.perf_counter()
+    suffix = "_quick" if args.quick else ""
     with tempfile.TemporaryDirectory() as tmp:
         job = Path(tmp) / "search.toml"
-        job.write_text(job_text(args.trials, args.quick))
-        result = graphprune.search(job, progress=True)
+        # a smoke run has no cached baseline to name: the tiny BERT and its snippets go to the job as a user's files
+        job.write_text(job_text(trials, quick, bench.user_files(Path(tmp) / "inputs") if bench.smoke else None))
+        result = graphprune.search(job, progress=not bench.smoke)
         search_seconds = time.perf_counter() - began
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        suffix = "_quick" if args.quick else ""
         if (result["output"] / "pareto.png").exists():
-            shutil.copyfile(result["output"] / "pareto.png", RESULTS / f"search_pareto{suffix}.png")
+            shutil.copyfile(result["output"] / "pareto.png", bench.out / f"search_pareto{suffix}.png")
         job_spec = job.read_text()
     front = [{**m, "speedup": 1 / m.get("latency_rerun", m["latency"]),
               "drop_points": round((dense_test - m["test_accuracy"]) * 100, 2)} for m in result["front"]]
@@ -237,7 +234,7 @@ def main() -> None:
         if peer is not None:
             runs[peer["pipeline"]] = graphs[peer["pipeline"]].module
     with torch.no_grad():
-        ms = time_interleaved({k: (lambda m=m: m(**inputs)) for k, m in runs.items()}, iters=5 if args.quick else 30)
+        ms = time_interleaved({k: (lambda m=m: m(**inputs)) for k, m in runs.items()}, iters=5 if quick else 30)
     comparisons = {}
     for split, (ours, peer) in picks.items():
         if ours is None or peer is None:
@@ -265,10 +262,10 @@ def main() -> None:
         began = time.perf_counter()
         scored = {"validation": validation, "test": test}
         for granularity in ("layer", "linear"):  # per layer: eigenvalues and traces; per Linear: the joint traces of all 36
-            measured, sensitivity_table, hessian_seconds = sensitivity(base, splits["train"], tokenizer, granularity, quick=args.quick)
+            measured, sensitivity_table, hessian_seconds = sensitivity(base, splits["train"], tokenizer, granularity, quick=quick)
             log(sensitivity_table + f"\nhessian_sensitivity per {granularity}: {hessian_seconds:.0f} s")
             widths += compare_widths(measured, base, splits["train"], tokenizer, lambda g, split: accuracy(g, scored[split]),
-                                     qat_steps=args.mixed_qat_steps, granularity=granularity, uniform=granularity == "layer", quick=args.quick)
+                                     qat_steps=args.mixed_qat_steps, granularity=granularity, uniform=granularity == "layer", quick=quick)
         widths_target, widths_seconds = four_bit_target(widths), time.perf_counter() - began
 
     log(f"\nHand-picked pipelines, MiniLM on Rotten Tomatoes, test split (dense {dense_test:.4f}); speed-up over dense eager fp32, batch 8")
@@ -277,27 +274,27 @@ def main() -> None:
     log(table(front, ["trial", "pipeline", "val_accuracy", "accuracy_drop", "test_accuracy", "drop_points", "latency", "latency_rerun", "speedup"], digits=4))
     for split, words in (("test", "as the target reads (both within 1 point on test)"), ("validation", "as a user chooses (both within 1 point on validation)")):
         c = comparisons[split]
-        verdict = f"not measured ({c['missing']} within 1 point)" if "missing" in c else \
-            f"{c['faster_than_peer']:.3f}x the hand-picked: {'met' if c['met'] else 'NOT met'}"
-        log(f"Target, {words}: the search's fastest at least 15% faster than the hand-picked fastest: {verdict}")
+        bench.claim(f"search_vs_hand_picked_chosen_on_{split}", c.get("faster_than_peer"), 1.15, unit="x", met=c["met"],
+                    words=f"the search's fastest against the hand-picked fastest, {words}"
+                          + (f" ({c['missing']} within 1 point)" if "missing" in c else ""))
     if widths:
         log(f"\nWeight widths after PTQ{f' and {args.mixed_qat_steps} QAT steps' if args.mixed_qat_steps else ''}: uniform against Hessian mixed precision")
         log(table(widths, WIDTH_COLUMNS + (["qat_validation", "qat_test"] if args.mixed_qat_steps else []), digits=4))
-        log(widths_target["line"])
+        if widths_target:
+            log(widths_target["line"])
     seconds = time.perf_counter() - start
     log(f"Whole benchmark {seconds / 60:.1f} min (hand-picked {hand_seconds:.0f} s, search and its test re-run {search_seconds:.0f} s, "
-        f"mixed precision {widths_seconds:.0f} s); "
-        f"target under 60 min: {'met' if seconds <= 3600 else 'NOT met'}")
-    suffix = "_quick" if args.quick else ""
-    plot(hand_rows, front, dense_test, RESULTS / f"search{suffix}.png")
-    write_json(RESULTS / f"search{suffix}.json", {
+        f"mixed precision {widths_seconds:.0f} s)")
+    bench.claim("whole_benchmark_minutes", round(seconds / 60, 1), 60, at_most=True, words="the whole benchmark, minutes")
+    plot(hand_rows, front, dense_test, bench.out / f"search{suffix}.png")
+    path = bench.write(f"search{suffix}.json", {
         "machine": machine, "dense_test": dense_test, "dense_validation": dense_val, "job": job_spec, "hand_picked": hand_rows,
         "front": [{k: v for k, v in m.items() if k != "run_file"} for m in front], "best": result["best"],
         "trials": result["trials"], "cache": result["cache"], "target": target,
         "mixed_precision": {"rows": widths, "target": widths_target, "qat_steps": args.mixed_qat_steps},
         "seconds": {"hand_picked": round(hand_seconds, 1), "search": round(search_seconds, 1), "mixed_precision": round(widths_seconds, 1),
                     "total": round(seconds, 1), "met_60_min": seconds <= 3600}})
-    log(f"wrote {RESULTS / f'search{suffix}.json'} and search{suffix}.png")
+    log(f"wrote {path} and {path.with_suffix('.png').name}")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ cache and results folder: about 2 minutes, and meaningless numbers).
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -54,9 +53,8 @@ from graphprune.training.evaluate import main_metric
 from graphprune.training.models import load_minilm, load_tokenizer, minilm_path
 from graphprune.training.tasks import task_for
 import task_data as td  # bench/task_data.py: this script runs from bench/
-from report import machine as describe_machine, machine_line, table, write_json  # bench/report.py
+from common import Bench, arguments, log, machine_line, table, write_json  # bench/common.py
 
-RESULTS = Path(__file__).resolve().parent / "results"
 RT_FLOPS = 0.5
 PAIR_FLOPS = (0.5, 0.4, 0.3)
 RETRIEVAL_FLOPS = (0.5, 0.3)
@@ -92,10 +90,6 @@ SMOKE = Settings(rt_sizes={"train": 32, "validation": 32, "test": 32}, bbc_sizes
                  max_length=32, rt_max_length=32, search=TINY_SEARCH, embedder_search=TINY_SEARCH, recovery=(2, 3), pair_flops=(0.4,),
                  pair_recipe={**PAIR_RECIPE, "max_steps": 3, "batch_size": 8, "max_length": 32}, recovery_batch=8,
                  iters={"b32x128": 1, "b1x16": 2}, warmup=0)
-
-
-def log(*args):
-    print(*args, flush=True)
 
 
 def quiet(*args):
@@ -255,18 +249,12 @@ COLUMNS = ["model", "runtime", "recovery_steps", "flops_ratio", "validation", "t
            "ms_b32x128", "vs_eager_b32x128", "vs_ort_int8_b32x128", "ms_b1x16", "vs_eager_b1x16", "vs_ort_int8_b1x16"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny subsets, few steps, a temporary cache and results folder (minutes)")
-    parser.add_argument("--out", type=Path, help="results folder (default bench/results; with --smoke a new temporary folder)")
-    args = parser.parse_args()
-    start, settings = time.perf_counter(), SMOKE if args.smoke else Settings()
-    out = args.out or (Path(tempfile.mkdtemp(prefix="graphprune-tasks-smoke-")) if args.smoke else RESULTS)
-    if args.smoke and out.resolve() == RESULTS:
-        parser.error("--smoke writes meaningless numbers: give it another --out than bench/results")
-    out.mkdir(parents=True, exist_ok=True)
-    machine = describe_machine()
-    log(machine_line(machine))
+def main(argv: list[str] | None = None) -> None:
+    # --smoke here is this benchmark's own: MiniLM on tiny subsets of the real data, not common.py's tiny BERT (the tasks
+    # need the real model families: a pair classifier, an embedder)
+    args = arguments(__doc__).parse_args(argv)
+    bench = Bench(args)
+    start, settings, out, machine = bench.started, SMOKE if args.smoke else Settings(), bench.out, bench.machine
     results = {"machine": machine, "smoke": args.smoke, "settings": settings.__dict__, "tasks": {}, "targets": {}, "complete": False}
     with tempfile.TemporaryDirectory(prefix="graphprune-tasks-") as tmp:
         work = Path(tmp)

@@ -36,7 +36,14 @@ CASES = {
     "learned": ([], "learned.json", {"dense", "methods", "rows", "complete", "targets"}, True),
     "l0_recipe": ([], "l0_recipe.json", {"dense", "epochs", "target", "rows"}, True),
     "onnx_static": ([], "onnx_static.json", {"rows"}, True),
+    "int8_isa": ([], "int8_isa.json", {"runs", "kernel_rms_vs_int32_accumulation", "targets", "seconds"}, False),
+    "deploy": ([], "deploy.json", {"test_examples", "recovery_steps", "dense_accuracy", "shapes", "rows", "targets", "seconds"}, True),
+    "search": ([], "search.json", {"dense_test", "dense_validation", "job", "hand_picked", "front", "best", "trials", "target",
+                                   "mixed_precision", "seconds"}, True),
+    "compress": ([], "compress.json", {"budget", "runs", "targets", "seconds"}, True),
 }
+# bench/tasks.py keeps a smoke run of its own (MiniLM on tiny subsets of the real data, a cache folder set in the
+# environment): tests/test_bench_tasks.py runs it in a fresh interpreter
 
 
 def snapshot() -> dict:
