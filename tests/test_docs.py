@@ -6,8 +6,9 @@ page in one namespace, in a fresh copy of a folder holding a tiny ``my-model`` a
 that cannot run here says why on the line before it:
 ``<!-- docs-test: skip (needs the shipped MiniLM and an hour) -->``; at most a quarter
 may. A block that only includes a file (``--8<-- "tutorials/..."``, the tutorials page)
-is that file, run by its own tests, so it is neither run nor counted here. Every ```toml block is read by the reader of the file it is (pipeline, job,
-search job or compress job). The site itself builds with ``mkdocs build --strict``
+is that file, run by its own tests, so it is neither run nor counted here. Every
+```toml block is read by the reader of the file it is (pipeline, job, search job or
+compress job). The site itself builds with ``mkdocs build --strict``
 in CI (``make docs``) and in the last test here.
 """
 
@@ -220,3 +221,10 @@ def test_site_builds_strict(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp_path / "site" / "reference" / "passes" / "index.html").is_file()
+
+
+def test_every_fence_starts_a_line():
+    """A fence indented (inside a list item) would escape the checks above: the pages keep their blocks at the margin."""
+    indented = [f"{p.relative_to(ROOT)}:{n}" for p in pages() for n, line in enumerate(p.read_text().splitlines(), 1)
+                if re.match(r"^\s+```", line)]
+    assert indented == []
