@@ -228,3 +228,12 @@ def test_every_fence_starts_a_line():
     indented = [f"{p.relative_to(ROOT)}:{n}" for p in pages() for n, line in enumerate(p.read_text().splitlines(), 1)
                 if re.match(r"^\s+```", line)]
     assert indented == []
+
+
+def test_api_reference_documents_every_public_name():
+    """docs/reference/api.md renders (mkdocstrings) exactly what ``import graphprune`` exports."""
+    import graphprune
+
+    page = (ROOT / "docs" / "reference" / "api.md").read_text()
+    documented = re.findall(r"^::: graphprune\.(\w+)$", page, re.M)
+    assert sorted(documented) == sorted(graphprune.__all__)
