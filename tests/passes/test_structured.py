@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 import graphprune
+from graphprune.ir.layers import layer_spans
 from graphprune.ir.masks import unmasked_weight
 from graphprune.passes.structured.blocks import attention_blocks, ffn_blocks
 from graphprune.passes.structured.selection import lowest_scores
-from tests.models import make_model, max_diff, padded_inputs, trace_once
+from tests.models import make_model, max_diff, padded_inputs, sentiment_data, tiny_tokenizer, trace_once
 
 FAMILIES = [
     "BertForSequenceClassification",
@@ -308,3 +309,30 @@ def test_shapes_refreshed_after_surgery_equal_a_full_propagation():
     names = dim_names(gm)
     full = {n.name: shape_list(n.meta["val"], names) for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
     assert incremental == full
+
+
+def test_a_layer_without_attention_keeps_its_place_in_the_stack():
+    """Every head of layer 0 removed: it is still layer 0 to remove_layers (a layer was found by its query projection,
+    so "layer 1" named the third layer here), and removing layers commutes with removing heads."""
+    graph = trace_once(_three_layers("BertForSequenceClassification"))
+    all_heads = {"heads": {0: [0, 1, 2, 3]}, "min_heads": 0}
+    headless, _ = graphprune.run_pass(graph, "remove_heads", all_heads)
+    pruned, info = graphprune.run_pass(headless, "remove_layers", {"layers": [1]})
+    assert info["num_layers"] == 2
+    reference, _ = graphprune.run_pass(graphprune.run_pass(graph, "remove_layers", {"layers": [1]})[0], "remove_heads", all_heads)
+    inputs = padded_inputs(_three_layers("BertForSequenceClassification"), 2, 9)
+    with torch.no_grad():
+        assert max_diff(pruned.module(**inputs), reference.module(**inputs)) <= 1e-5
+    spans = layer_spans(headless, "test")
+    assert [s.index for s in spans] == [0, 1, 2]
+    assert spans[0].input.name == "bert_embeddings_dropout" and spans[1].input is spans[0].output
+
+
+def test_a_graph_with_no_attention_left_still_has_its_layers_for_hidden_distillation():
+    graph = trace_once(_three_layers("BertForSequenceClassification"))
+    headless, _ = graphprune.run_pass(graph, "remove_heads", {"heads": {i: [0, 1, 2, 3] for i in range(3)}, "min_heads": 0})
+    assert len(layer_spans(headless, "test")) == 3
+    data = sentiment_data(16)
+    result = graphprune.finetune(headless, data, tiny_tokenizer(), teacher=graph, kd_hidden_weight=1.0, max_steps=2,
+                                 batch_size=8, progress=False)
+    assert result.steps == 2
