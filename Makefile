@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	mkdir -p $(dir $@) && touch $@
 
 test: install
-	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n 2  # two single-threaded worker processes (pytest-xdist): 626 s on 2 cores (AMD EPYC Zen 5, 1360 passed)
+	OMP_NUM_THREADS=1 $(PYTHON) -m pytest -n 2  # two single-threaded worker processes (pytest-xdist): 621 s on 2 cores (AMD EPYC Zen 5, 1364 passed)
 
 # The main job on the shipped model and data (builds and caches the baseline first if needed).
 demo: install
