@@ -160,13 +160,18 @@ def main(argv: list[str] | None = None) -> None:
     # a smoke run has no cached baseline to name: the tiny BERT and its snippets go to compress as a user's files
     model, data = bench.user_files(work / "inputs") if bench.smoke else ({"checkpoint": str(baseline_path())}, {"name": "rotten_tomatoes"})
     smoke = {"narrowing": SMOKE_SPACE, "trials": 2} if bench.smoke else {}
-    for name in ("rt",):
+
+    def run(name: str, model: dict, data: dict) -> dict:
+        """``graphprune compress`` as a user runs it; its report copied beside the JSON, its run recorded."""
         log(f"\ngraphprune compress {model} --data {data} --max-drop 1 --time {budget}")
         spec = make_spec(model, data, max_drop=1.0, time=budget, out=work / f"compress_{name}", **smoke)
         result = compress(spec, progress=False, log=log)
         shutil.copy(work / f"compress_{name}" / "report.html", bench.out / f"compress_{name}_report.html")
         results["runs"][name] = {"compress": {k: v for k, v in result.items() if k != "trials"}, "trials": result["trials"]}
         write_json(path, results)  # as it goes; bench.write adds the claims at the end
+        return result
+
+    run("rt", model, data)
     log("\nhand-picked pipeline (K-prune 0.3 + 60 distilled steps + int8) in every runtime")
     hand = hand_picked(bench, base, work)
     base_folder = Path(model["checkpoint"])
@@ -180,10 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     if not bench.smoke:  # BBC News is the same compress call on a MiniLM fine-tuned on real data: a smoke run has neither
         log("\nBBC News: MiniLM fine-tuned on it, then graphprune compress with the same defaults")
         bbc = bbc_model(cache_dir(), BBC_RECIPE)
-        spec = make_spec({"checkpoint": str(bbc)}, {"name": "bbc_news"}, max_drop=1.0, time=budget, out=work / "compress_bbc")
-        result = compress(spec, progress=False, log=log)
-        shutil.copy(work / "compress_bbc" / "report.html", bench.out / "compress_bbc_report.html")
-        results["runs"]["bbc"] = {"compress": {k: v for k, v in result.items() if k != "trials"}, "trials": result["trials"]}
+        result = run("bbc", {"checkpoint": str(bbc)}, {"name": "bbc_news"})
         if result["chosen"] is not None:
             bbc_splits = load_dataset("bbc_news")
             timed = served_rows(result, work / "compress_bbc", bbc, {}, bbc_splits["validation"], tokenizer, work)
