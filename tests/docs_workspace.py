@@ -11,7 +11,6 @@ are the ones a user would write for a real model.
 from __future__ import annotations
 
 import csv
-import shutil
 from pathlib import Path
 
 import torch
@@ -38,9 +37,4 @@ def build_workspace(folder: Path) -> Path:
             writer = csv.writer(handle)
             writer.writerow(["text", "label"])
             writer.writerows((text, LABELS[label]) for text, label in zip(data.texts, data.labels))
-    return folder
-
-
-def copy_workspace(template: Path, folder: Path) -> Path:
-    shutil.copytree(template, folder)
     return folder

@@ -70,11 +70,17 @@ def workspace_template(tmp_path_factory) -> Path:
     return build_workspace(tmp_path_factory.mktemp("docs") / "template")
 
 
-@pytest.mark.parametrize("page", python_pages())
-def test_python_blocks_run(page, workspace_template, tmp_path, monkeypatch):
+@pytest.fixture
+def workspace(workspace_template, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the template, as the working directory (a snippet may write files into it)."""
     folder = tmp_path / "work"
     shutil.copytree(workspace_template, folder)
     monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.mark.parametrize("page", python_pages())
+def test_python_blocks_run(page, workspace, tmp_path, monkeypatch):
     monkeypatch.setenv("GRAPHPRUNE_CACHE", str(tmp_path / "cache"))  # nothing a snippet builds lands in the user's cache
     namespace = {"__name__": "__docs__"}
     for block in blocks(ROOT / page):
@@ -117,11 +123,8 @@ def toml_blocks() -> list[Block]:
 
 
 @pytest.mark.parametrize("block", toml_blocks(), ids=lambda b: f"{b.page}:{b.line}")
-def test_toml_blocks_pass_their_reader(block, workspace_template, tmp_path, monkeypatch):
-    folder = tmp_path / "work"
-    shutil.copytree(workspace_template, folder)
-    monkeypatch.chdir(folder)
-    path = folder / "job.toml"
+def test_toml_blocks_pass_their_reader(block, workspace):
+    path = workspace / "job.toml"
     path.write_text(block.code)
     try:
         read_toml_block(path)
