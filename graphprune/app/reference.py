@@ -53,15 +53,10 @@ def _toml_value(value) -> str:
     return repr(value)
 
 
-def _fields(config_cls) -> list[dataclasses.Field]:
+def _fields(config_cls) -> list[tuple[dataclasses.Field, object]]:
+    """The public fields with their resolved types (the class's own Field records are left as they are)."""
     hints = typing.get_type_hints(config_cls)
-    fields = []
-    for field in dataclasses.fields(config_cls):
-        if field.name.startswith("_"):
-            continue
-        field.type = hints.get(field.name, field.type)
-        fields.append(field)
-    return fields
+    return [(f, hints.get(f.name, f.type)) for f in dataclasses.fields(config_cls) if not f.name.startswith("_")]
 
 
 def _escape(text: str) -> str:
@@ -82,8 +77,8 @@ def pass_section(name: str) -> str:
         lines += ["This pass takes no fields.", ""]
     else:
         lines += [f"Fields (`{info.config_cls.__name__}`):", "", "| field | type | default |", "|---|---|---|"]
-        for field in _fields(info.config_cls):
-            lines.append(f"| `{field.name}` | `{_escape(_type_name(field.type))}` | `{_escape(_default(field))}` |")
+        for field, field_type in _fields(info.config_cls):
+            lines.append(f"| `{field.name}` | `{_escape(_type_name(field_type))}` | `{_escape(_default(field))}` |")
             if field.default is not dataclasses.MISSING and isinstance(field.default, _SCALARS):
                 entry.append(f"{field.name} = {_toml_value(field.default)}")
         lines.append("")
